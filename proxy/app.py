@@ -1,0 +1,126 @@
+"""build_app: the aiohttp application with its long-lived parts (settings, policies, guards,
+upstreams, metrics) as typed app state, started and stopped in one cleanup context."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from proxy.guards.guard import Guard, TextGuard
+from proxy.observability import Metrics
+from proxy.policy.store import GuardKind, PolicyContext, PolicyStore
+from proxy.server.auth import Tenants
+from proxy.server.middleware import record_middleware
+from proxy.server.routes import add_routes
+from proxy.server.state import (GUARDS, METRICS, POLICIES, READINESS, SETTINGS, TENANTS, UPSTREAMS,
+                                Readiness)
+from proxy.settings import Settings
+from proxy.upstream.relay import OpenAIUpstream, Upstream
+
+log = structlog.get_logger("proxy.app")
+
+
+def guard_kinds(settings: Settings, guards: Mapping[str, Guard] | None) -> dict[str, GuardKind]:
+    if guards is not None:
+        return {name: ("text" if isinstance(g, TextGuard) else "conversation") for name, g in guards.items()}
+    return {name: ("text" if g.is_prompt_guard else "conversation") for name, g in settings.guards.items()}
+
+
+def build_app(settings: Settings, *, guards: Mapping[str, Guard] | None = None,
+              upstreams: Mapping[str, Upstream] | None = None) -> web.Application:
+    """`guards` and `upstreams` replace the configured ones (tests inject scripted fakes here)."""
+    tenants = Tenants(settings.tenants)
+    ctx = PolicyContext(guards=guard_kinds(settings, guards), upstreams=frozenset(settings.upstreams),
+                        required=tenants.policies)
+    store = PolicyStore(settings.policies_dir, ctx, reload_interval_s=settings.server.policy_reload_interval_s)
+    app = web.Application(middlewares=[record_middleware], client_max_size=settings.server.max_body_bytes)
+    app[SETTINGS] = settings
+    app[TENANTS] = tenants
+    app[POLICIES] = store
+    app[METRICS] = Metrics()
+    app[READINESS] = Readiness()
+    app[GUARDS] = dict(guards or {})
+    app[UPSTREAMS] = dict(upstreams or {})
+    app.cleanup_ctx.append(_lifecycle(guards is not None, upstreams is not None))
+    add_routes(app)
+    return app
+
+
+def _lifecycle(guards_injected: bool, upstreams_injected: bool):  # type: ignore[no-untyped-def]
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        session = aiohttp.ClientSession(auto_decompress=True)
+        if not upstreams_injected:
+            app[UPSTREAMS] = build_upstreams(settings, session)
+        if app[TENANTS].open:
+            log.warning("open_mode", message="no tenants configured: single-tenant open mode, every request "
+                        "uses policy 'default' and no API key is checked")
+        watcher = asyncio.create_task(app[POLICIES].watch())
+        app[METRICS].policy_reload_failures.set_function(lambda: app[POLICIES].reload_failures)
+        loader: asyncio.Task[None] | None = None
+        runners = []
+        if guards_injected:
+            app[READINESS].ready = True
+        else:
+            from proxy.guards.loading import GuardSet
+
+            guard_set = GuardSet(settings)
+            runners = guard_set.runners
+            for runner in runners:
+                app[METRICS].queue_depth.labels(runner.device).set_function(lambda r=runner: r.queue_depth)
+            loader = asyncio.create_task(_load(app, guard_set))
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            if loader is not None:
+                loader.cancel()
+            for task in (watcher, loader):
+                if task is not None:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            for runner in runners:
+                await runner.stop()
+            await session.close()
+
+    return lifecycle
+
+
+async def _load(app: web.Application, guard_set: object) -> None:
+    from proxy.guards.loading import GuardSet
+
+    assert isinstance(guard_set, GuardSet)
+    try:
+        app[GUARDS].update(await guard_set.load())
+    except Exception as exc:
+        app[READINESS].error = str(exc)
+        log.error("guards_failed_to_load", error=str(exc))
+        return
+    app[READINESS].ready = True
+    log.info("guards_ready", guards=sorted(app[GUARDS]))
+
+
+def build_upstreams(settings: Settings, session: aiohttp.ClientSession) -> dict[str, Upstream]:
+    out: dict[str, Upstream] = {}
+    for name, upstream in settings.upstreams.items():
+        if upstream.kind == "litellm":
+            from proxy.upstream.litellm_adapter import LiteLLMUpstream
+
+            out[name] = LiteLLMUpstream(name, upstream)
+        else:
+            out[name] = OpenAIUpstream(name, upstream, session)
+    return out
+
+
+def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
+    """Run until interrupted. A client disconnect cancels its handler (and so the upstream request)."""
+    app = build_app(settings)
+    host = host or settings.server.host
+    port = port if port is not None else settings.server.port
+    log.info("serving", host=host, port=port)
+    web.run_app(app, host=host, port=port, handler_cancellation=True, access_log=None, print=None)

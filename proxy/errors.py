@@ -1,0 +1,109 @@
+"""The one exception tree of the proxy and its mapping to the OpenAI error envelope.
+
+ProxyError
+  BadRequest (400)            malformed JSON, wrong types, unknown roles, limits exceeded
+    PolicyViolation (400)     a check blocked the request and the route says `on_block: error`
+  Unauthorized (401)          missing or unknown API key
+  NotFound (404)              unknown path or model
+  PayloadTooLarge (413)       body over `max_body_bytes`
+  UnsupportedMediaType (415)  body is not JSON
+  UpstreamError (502)         upstream unreachable, broken stream, malformed reply
+    UpstreamTimeout (504)     upstream too slow (connect, total, between chunks)
+  GuardUnavailable (503)      a guard failed, timed out or is overloaded and the policy blocks on that
+  NotReady (503)              guards still loading
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from proxy.protocol import error_body
+
+
+class ProxyError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after_s = retry_after_s
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.code, self.param)
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+
+
+class BadRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class PolicyViolation(BadRequest):
+    code = "content_policy_violation"
+
+    def __init__(self, message: str, categories: list[str]) -> None:
+        super().__init__(message)
+        self.categories = categories
+
+    def body(self) -> dict[str, Any]:
+        body = super().body()
+        body["error"]["categories"] = self.categories
+        return body
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class NotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UnsupportedMediaType(ProxyError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class UpstreamError(ProxyError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class GuardUnavailable(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "guard_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+
+
+class NotReady(GuardUnavailable):
+    code = "not_ready"

@@ -1,0 +1,100 @@
+"""The Guard interface: what the screening pipeline sends a guard and what it gets back.
+
+Two kinds of guard exist. A `TextGuard` (Prompt Guard) scores each untrusted text on its own. A
+`ConversationGuard` (Llama Guard) scores the last turn of a User/Agent conversation against a
+taxonomy. Both return probabilities; the policy compares them with its thresholds, so one loaded
+model serves every tenant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+TextSource = Literal["user", "third_party"]
+Speaker = Literal["User", "Agent"]
+
+
+class GuardError(Exception):
+    """A guard could not produce a score (model error, bad prompt, too many windows, remote failure)."""
+
+
+class GuardOverloaded(GuardError):
+    """The guard runner's queue is full; the caller should retry later."""
+
+
+@dataclass(frozen=True)
+class ScreenText:
+    text: str
+    source: TextSource = "user"
+
+
+@dataclass(frozen=True)
+class TextScore:
+    score: float
+    windows: int = 1
+
+
+@dataclass(frozen=True)
+class Image:
+    data: bytes
+    media_type: str = "image/png"
+
+
+@dataclass(frozen=True)
+class Turn:
+    speaker: Speaker
+    text: str
+    images: tuple[Image, ...] = ()
+
+
+@dataclass(frozen=True)
+class Category:
+    code: str
+    name: str
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class Taxonomy:
+    """Which categories the prompt lists. `replace` swaps the family default for `custom`;
+    otherwise `custom` is appended. Excluded codes drop their lines and keep the other codes."""
+
+    custom: tuple[Category, ...] = ()
+    replace: bool = False
+    excluded: frozenset[str] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True)
+class ConversationScore:
+    score: float
+    """P(unsafe) of the first content token over the full vocabulary (Meta's definition)."""
+    score_binary: float
+    """P(unsafe) renormalised over {safe, unsafe}."""
+    mass: float
+    categories: tuple[str, ...] = ()
+    """Codes the model named, excluded codes removed."""
+    all_excluded: bool = False
+    """The model named codes and every one of them is excluded: counts as safe."""
+
+
+@runtime_checkable
+class TextGuard(Protocol):
+    name: str
+
+    async def score_texts(self, texts: list[ScreenText]) -> list[TextScore]: ...
+
+
+@runtime_checkable
+class ConversationGuard(Protocol):
+    name: str
+
+    async def score_conversation(
+        self, turns: list[Turn], taxonomy: Taxonomy, *, categories_from: float = 0.5
+    ) -> ConversationScore:
+        """`categories_from`: read categories when the score reaches this value (the lowest
+        threshold in use), so a block below 0.5 still names its categories."""
+        ...
+
+
+Guard = TextGuard | ConversationGuard

@@ -1,0 +1,167 @@
+"""The guard runner: one worker thread per device runs all torch and tokenizer work, micro-batching
+concurrent requests. The event loop only enqueues jobs and awaits futures.
+
+A job is a list of items for one batch function (e.g. every Prompt Guard window of one request);
+jobs for the same function are merged into one call, up to `max_batch` items, waiting at most
+`max_wait_ms` for company. A job is never split, so a request's windows share one forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import structlog
+
+from proxy.guards.guard import GuardError, GuardOverloaded
+
+I = TypeVar("I")  # noqa: E741
+O = TypeVar("O")  # noqa: E741
+T = TypeVar("T")
+
+log = structlog.get_logger("proxy.guards.runner")
+
+BatchFn = Callable[[list[Any]], list[Any]]
+
+
+@dataclass(eq=False)
+class _Job:
+    fn: BatchFn
+    key: Hashable
+    items: list[Any]
+    future: asyncio.Future[list[Any]]
+    loop: asyncio.AbstractEventLoop
+    enqueued: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+
+class GuardRunner:
+    def __init__(self, device: str, *, max_batch: int = 16, max_wait_ms: float = 2.0, max_queue: int = 256,
+                 threads: int = 0) -> None:
+        self.device = device
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self.threads = threads
+        self.batches_run = 0
+        self.items_run = 0
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name=f"guard-runner-{self.device}", daemon=True)
+            self._thread.start()
+
+    async def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+            self._thread = None
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run one function in the worker thread (loading a model, a one-off computation)."""
+        result = await self.submit(lambda items: [fn()], [None], key=("call", id(fn)))
+        return result[0]  # type: ignore[no-any-return]
+
+    async def submit(self, fn: Callable[[list[I]], list[O]], items: list[I], *, key: Hashable = None) -> list[O]:
+        """Queue `items` for `fn` and wait for its results (one per item, in order)."""
+        if not items:
+            return []
+        loop = asyncio.get_running_loop()
+        job = _Job(fn=fn, key=key if key is not None else fn, items=list(items),
+                   future=loop.create_future(), loop=loop)
+        with self._cond:
+            if self._stopping:
+                raise GuardError(f"guard runner {self.device} is stopped")
+            if len(self._queue) >= self.max_queue:
+                raise GuardOverloaded(f"guard queue on {self.device} is full ({self.max_queue} jobs)")
+            self._queue.append(job)
+            self._cond.notify_all()
+        self.start()
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            with self._cond:
+                job.cancelled = True
+                if job in self._queue:
+                    self._queue.remove(job)
+            raise
+
+    def _take_batch(self) -> list[_Job] | None:
+        """Under the lock: wait for work, then collect jobs sharing the first job's function."""
+        while True:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping and not self._queue:
+                return None
+            first = self._queue[0]
+            if first.cancelled:
+                self._queue.popleft()
+                continue
+            batch, size = [first], len(first.items)
+            for job in list(self._queue)[1:]:
+                if job.key == first.key and not job.cancelled and size + len(job.items) <= self.max_batch:
+                    batch.append(job)
+                    size += len(job.items)
+            remaining = first.enqueued + self.max_wait_s - time.monotonic()
+            if size < self.max_batch and remaining > 0 and not self._stopping:
+                self._cond.wait(remaining)
+                continue
+            for job in batch:
+                self._queue.remove(job)
+            return batch
+
+    def _work(self) -> None:
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        while True:
+            with self._cond:
+                batch = self._take_batch()
+            if batch is None:
+                return
+            batch = [job for job in batch if not job.cancelled and not job.future.done()]
+            if not batch:
+                continue
+            items = [item for job in batch for item in job.items]
+            try:
+                results = batch[0].fn(items)
+                if len(results) != len(items):
+                    raise GuardError(f"batch function returned {len(results)} results for {len(items)} items")
+            except BaseException as exc:  # noqa: BLE001 - delivered to every waiting request
+                err = exc if isinstance(exc, Exception) else GuardError(repr(exc))
+                for job in batch:
+                    job.loop.call_soon_threadsafe(_set_exception, job.future, err)
+                continue
+            self.batches_run += 1
+            self.items_run += len(items)
+            start = 0
+            for job in batch:
+                part = results[start:start + len(job.items)]
+                start += len(job.items)
+                job.loop.call_soon_threadsafe(_set_result, job.future, part)
+
+
+def _set_result(future: asyncio.Future[list[Any]], value: list[Any]) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future[list[Any]], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

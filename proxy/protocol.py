@@ -1,0 +1,94 @@
+"""OpenAI wire types for the chat-completions request and reply: liberal (unknown fields are kept).
+
+The server parses the client's body with these models to know what to screen; the body forwarded
+upstream is the client's original JSON, never a re-serialisation of these models.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class TextPart(Wire):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(Wire):
+    url: str
+
+
+class ImagePart(Wire):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class OtherPart(Wire):
+    """input_audio, file, refusal and future part types: kept and counted, not screened as text."""
+
+    type: str
+
+
+ContentPart = TextPart | ImagePart | OtherPart
+
+
+class FunctionCall(Wire):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCall(Wire):
+    id: str | None = None
+    type: str | None = None
+    function: FunctionCall | None = None
+
+
+class Message(Wire):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    function_call: FunctionCall | None = None
+    refusal: str | None = None
+
+
+class ChatRequest(Wire):
+    model: str = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
+    stream: bool | None = None
+    n: int | None = Field(default=None, ge=1, le=128)
+
+
+class ChoiceMessage(Wire):
+    role: str | None = None
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None
+    refusal: str | None = None
+
+
+class Choice(Wire):
+    index: int = 0
+    message: ChoiceMessage | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletion(Wire):
+    id: str | None = None
+    object: str | None = None
+    created: int | None = None
+    model: str | None = None
+    choices: list[Choice] = Field(default_factory=list)
+
+
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -1,0 +1,185 @@
+"""Running a route's checks and turning scores into a verdict.
+
+Input checks run concurrently; output checks run per choice, concurrently. A check hits when its
+score is at or over its threshold. In `enforce` mode a hit blocks; in `monitor` mode it flags. A
+guard error either blocks (503, `on_guard_error: block`) or lets the check pass and is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import structlog
+
+from proxy.guards.guard import ConversationGuard, Guard, GuardError, ScreenText, TextGuard, Turn
+from proxy.policy.models import DEFAULT_TEXT_ROLES, CheckSettings, RouteSettings
+from proxy.protocol import ChatRequest
+from proxy.screening.collect import Reply, input_conversation, output_conversation, screen_texts
+
+log = structlog.get_logger("proxy.screening")
+
+Side = Literal["input", "output"]
+Decision = Literal["allow", "block", "flag"]
+
+
+@dataclass
+class CheckResult:
+    guard: str
+    side: Side
+    threshold: float
+    enforced: bool
+    score: float | None = None
+    categories: tuple[str, ...] = ()
+    latency_ms: float = 0.0
+    error: str | None = None
+    skipped: bool = False
+    choice: int | None = None
+    windows: int | None = None
+
+    @property
+    def hit(self) -> bool:
+        return self.score is not None and self.score >= self.threshold
+
+    def record(self) -> dict[str, object]:
+        out: dict[str, object] = {"guard": self.guard, "side": self.side, "latency_ms": round(self.latency_ms, 2)}
+        if self.score is not None:
+            out["score"] = round(self.score, 6)
+        if self.categories:
+            out["categories"] = list(self.categories)
+        if self.error:
+            out["error"] = self.error
+        if self.skipped:
+            out["skipped"] = True
+        if self.choice is not None:
+            out["choice"] = self.choice
+        if self.windows is not None:
+            out["windows"] = self.windows
+        return out
+
+
+@dataclass
+class Verdict:
+    results: list[CheckResult] = field(default_factory=list)
+    fail_closed: bool = True
+
+    @property
+    def blocked(self) -> bool:
+        return any(r.hit and r.enforced for r in self.results)
+
+    @property
+    def flagged(self) -> bool:
+        return any(r.hit and not r.enforced for r in self.results)
+
+    @property
+    def guard_failed(self) -> bool:
+        """A guard error that the policy says must block (never in monitor mode)."""
+        return self.fail_closed and any(r.error and r.enforced for r in self.results)
+
+    @property
+    def failed_open(self) -> list[CheckResult]:
+        return [r for r in self.results if r.error and not (self.fail_closed and r.enforced)]
+
+    @property
+    def categories(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for r in self.results:
+            if r.hit:
+                seen.update(dict.fromkeys(r.categories))
+        return list(seen)
+
+    @property
+    def decision(self) -> Decision:
+        if self.blocked or self.guard_failed:
+            return "block"
+        return "flag" if self.flagged else "allow"
+
+
+def _enforced(route: RouteSettings, check: CheckSettings) -> bool:
+    return (check.mode or route.mode) == "enforce"
+
+
+async def _run_text_check(guard: TextGuard, texts: list[ScreenText], result: CheckResult) -> None:
+    scores = await guard.score_texts(texts)
+    best = max(scores, key=lambda s: s.score)
+    result.score = best.score
+    result.windows = sum(s.windows for s in scores)
+
+
+async def _run_conversation_check(guard: ConversationGuard, turns: list[Turn], route: RouteSettings,
+                                  check: CheckSettings, result: CheckResult) -> None:
+    scored = await guard.score_conversation(turns, route.taxonomy(), categories_from=check.threshold)
+    score = scored.score if check.score == "full" else scored.score_binary
+    result.categories = scored.categories
+    # A verdict whose codes are all excluded counts as safe (Meta's llama-stack rule).
+    result.score = 0.0 if scored.all_excluded else score
+
+
+async def _run_check(route: RouteSettings, check: CheckSettings, guard: Guard, result: CheckResult,
+                     texts: list[ScreenText] | None, turns: list[Turn] | None) -> None:
+    start = time.perf_counter()
+    try:
+        async with asyncio.timeout(route.guard_timeout_s):
+            if isinstance(guard, TextGuard) and texts is not None:
+                await _run_text_check(guard, texts, result)
+            elif isinstance(guard, ConversationGuard) and turns is not None:
+                await _run_conversation_check(guard, turns, route, check, result)
+    except TimeoutError:
+        result.error = f"timed out after {route.guard_timeout_s:g}s"
+    except GuardError as exc:
+        result.error = str(exc) or type(exc).__name__
+    except Exception as exc:  # a guard bug must not crash the request; it is a guard error
+        log.exception("guard_failed", guard=check.guard)
+        result.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        result.latency_ms = (time.perf_counter() - start) * 1000
+
+
+def _plan(route: RouteSettings, checks: Sequence[CheckSettings], guards: Mapping[str, Guard], side: Side,
+          request: ChatRequest, reply: Reply | None) -> list[tuple[CheckSettings, Guard, CheckResult,
+                                                                  list[ScreenText] | None, list[Turn] | None]]:
+    plan = []
+    for check in checks:
+        guard = guards[check.guard]
+        result = CheckResult(guard=check.guard, side=side, threshold=check.threshold,
+                             enforced=_enforced(route, check), choice=reply.index if reply else None)
+        texts = turns = None
+        if isinstance(guard, TextGuard):
+            roles = check.roles or (*DEFAULT_TEXT_ROLES, *(("system",) if route.screen_system else ()))
+            texts = screen_texts(request, roles)
+            result.skipped = not texts
+        else:
+            turns = (output_conversation(request, reply, include_system=route.screen_system) if reply
+                     else input_conversation(request, include_system=route.screen_system))
+            result.skipped = not turns
+        plan.append((check, guard, result, texts, turns))
+    return plan
+
+
+async def screen(route: RouteSettings, guards: Mapping[str, Guard], request: ChatRequest,
+                 reply: Reply | None = None) -> Verdict:
+    """Run the input checks (reply is None) or the output checks for one reply choice."""
+    checks = route.output if reply is not None else route.input
+    plan = _plan(route, checks, guards, "output" if reply else "input", request, reply)
+    await asyncio.gather(*(_run_check(route, check, guard, result, texts, turns)
+                           for check, guard, result, texts, turns in plan if not result.skipped))
+    return Verdict(results=[p[2] for p in plan], fail_closed=route.on_guard_error == "block")
+
+
+async def screen_replies(route: RouteSettings, guards: Mapping[str, Guard], request: ChatRequest,
+                         replies: Sequence[Reply]) -> dict[int, Verdict]:
+    verdicts = await asyncio.gather(*(screen(route, guards, request, reply) for reply in replies))
+    return {reply.index: verdict for reply, verdict in zip(replies, verdicts, strict=True)}
+
+
+def combine(*verdicts: Verdict) -> Verdict:
+    out = Verdict(fail_closed=all(v.fail_closed for v in verdicts) if verdicts else True)
+    for verdict in verdicts:
+        out.results.extend(verdict.results)
+    return out
+
+
+__all__ = ["CheckResult", "Decision", "GuardError", "Verdict", "combine", "screen", "screen_replies"]

@@ -1,0 +1,1 @@
+"""The HTTP edge: routes, middleware (request id, errors, records), tenant auth."""

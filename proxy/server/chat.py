@@ -1,0 +1,270 @@
+"""POST /v1/chat/completions: parse, authenticate, resolve the route, screen the input, relay,
+screen the output, answer. The request's whole path reads top to bottom in `chat_completions`."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from proxy.errors import (BadRequest, GuardUnavailable, ModelNotFound, NotReady, PayloadTooLarge,
+                          PolicyViolation, ProxyError, UnsupportedMediaType, UpstreamError)
+from proxy.policy.models import RouteSettings
+from proxy.protocol import ChatCompletion, ChatRequest
+from proxy.screening.collect import Reply, count_limits, reply_text
+from proxy.screening.pipeline import Verdict, combine, screen, screen_replies
+from proxy.screening.refusal import refusal_completion, replace_choices
+from proxy.server.state import GUARDS, METRICS, POLICIES, READINESS, SETTINGS, TENANTS, UPSTREAMS, Record, record_of
+from proxy.streaming.buffered import hold, refusal_stream, replay
+from proxy.streaming.held_response import SSE_HEADERS, HeldResponse
+from proxy.streaming.sse import MalformedStream
+from proxy.upstream.relay import Outgoing, Upstream, rewrite_body
+
+CHAT_PATH = "/v1/chat/completions"
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    record = record_of(request)
+    tenant = request.app[TENANTS].identify(request)
+    record.tenant = tenant.name
+    raw, payload, chat = await read_chat_request(request)
+    policy = request.app[POLICIES].current.get(tenant.policy)
+    record.policy, record.model, record.stream = policy.tag, chat.model, bool(chat.stream)
+    route = policy.resolve(CHAT_PATH, chat.model)
+    if route is None or route.passthrough:
+        raise ModelNotFound(f"The model `{chat.model}` does not exist or you do not have access to it.",
+                            param="model")
+    record.route = route.name
+    check_limits(route, chat)
+    if request.app[SETTINGS].server.log_content:
+        record.prompt = payload.get("messages")
+    headers = {"x-request-id": record.request_id, "x-guardrail-policy": policy.tag}
+
+    verdict = await screen_input(request, route, chat)
+    if verdict.decision == "block":
+        return await answer_input_block(request, route, chat, verdict, headers)
+
+    upstream = request.app[UPSTREAMS][route.upstream]
+    changes = {"model": route.rename_model} if route.rename_model else {}
+    out = Outgoing(path="/chat/completions", body=rewrite_body(raw, payload, changes), payload=payload,
+                   stream=bool(chat.stream), client_headers=request.headers, client_key=tenant.key,
+                   request_id=record.request_id)
+    record.upstream = upstream.name
+    if chat.stream:
+        return await relay_stream(request, route, chat, upstream, out, verdict, headers)
+    return await relay_json(request, route, chat, upstream, out, verdict, headers)
+
+
+async def read_chat_request(request: web.Request) -> tuple[bytes, dict[str, Any], ChatRequest]:
+    settings = request.app[SETTINGS]
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType(f"Expected Content-Type application/json, got {request.content_type or 'none'}.")
+    if request.content_length is not None and request.content_length > settings.server.max_body_bytes:
+        raise PayloadTooLarge(f"Request body is larger than {settings.server.max_body_bytes} bytes.")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise PayloadTooLarge(f"Request body is larger than {settings.server.max_body_bytes} bytes.") from exc
+    try:
+        payload = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"We could not parse the JSON body of your request: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    try:
+        chat = ChatRequest.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "tagged-")))
+        raise BadRequest(f"Invalid value for '{param}': {first['msg']}", param=param or None) from exc
+    return raw, payload, chat
+
+
+def check_limits(route: RouteSettings, chat: ChatRequest) -> None:
+    limits = route.limits
+    if len(chat.messages) > limits.max_messages:
+        raise BadRequest(f"Too many messages: {len(chat.messages)} > {limits.max_messages}.", param="messages")
+    chars, images = count_limits(chat)
+    if chars > limits.max_characters:
+        raise BadRequest(f"Too much text: {chars} characters > {limits.max_characters}.", param="messages")
+    if images > limits.max_images:
+        raise BadRequest(f"Too many images: {images} > {limits.max_images}.", param="messages")
+
+
+async def screen_input(request: web.Request, route: RouteSettings, chat: ChatRequest) -> Verdict:
+    if route.input and not request.app[READINESS].ready:
+        raise NotReady("Guards are still loading; retry shortly.", retry_after_s=5)
+    verdict = await screen(route, request.app[GUARDS], chat)
+    note(request, route, verdict)
+    return verdict
+
+
+async def screen_output(request: web.Request, route: RouteSettings, chat: ChatRequest,
+                        replies: list[Reply]) -> dict[int, Verdict]:
+    if not route.output:
+        return {}
+    if not request.app[READINESS].ready:
+        raise NotReady("Guards are still loading; retry shortly.", retry_after_s=5)
+    verdicts = await screen_replies(route, request.app[GUARDS], chat, replies)
+    note(request, route, *verdicts.values())
+    return verdicts
+
+
+def note(request: web.Request, route: RouteSettings, *verdicts: Verdict) -> None:
+    """Add checks to the record and metrics; the request decision only ever escalates."""
+    record, metrics = record_of(request), request.app[METRICS]
+    for verdict in verdicts:
+        for result in verdict.results:
+            record.checks.append(result.record())
+            if not result.skipped:
+                metrics.guard_latency.labels(result.guard, result.side).observe(result.latency_ms / 1000)
+            if result.error:
+                metrics.guard_errors.labels(result.guard).inc()
+        for result in verdict.failed_open:
+            metrics.fail_open.labels(record.tenant or "-", route.name, result.guard).inc()
+        decision = verdict.decision
+        if decision != "allow":
+            for result in verdict.results:
+                if result.hit:
+                    for category in result.categories or ("none",):
+                        metrics.blocks.labels(record.tenant or "-", route.name, result.side, category,
+                                              "block" if result.enforced else "flag").inc()
+        record.categories = list(dict.fromkeys([*record.categories, *verdict.categories]))
+        rank = {"allow": 0, "flag": 1, "block": 2}
+        if rank[decision] > rank[record.decision]:
+            record.decision = decision
+
+
+def guard_failure(verdict: Verdict) -> GuardUnavailable:
+    failed = [r.guard for r in verdict.results if r.error and r.enforced]
+    return GuardUnavailable(f"Content screening is unavailable ({', '.join(failed)}); retry later.",
+                            retry_after_s=2)
+
+
+def violation(verdict: Verdict) -> PolicyViolation:
+    cats = verdict.categories
+    detail = f" (categories: {', '.join(cats)})" if cats else ""
+    return PolicyViolation(f"The request was blocked by the content policy{detail}.", cats)
+
+
+async def answer_input_block(request: web.Request, route: RouteSettings, chat: ChatRequest, verdict: Verdict,
+                             headers: dict[str, str]) -> web.StreamResponse:
+    if verdict.guard_failed and not verdict.blocked:
+        raise guard_failure(verdict)
+    if route.on_block == "error":
+        err = violation(verdict)
+        return web.json_response(err.body(), status=err.status, headers={**headers, "x-guardrail-decision": "block"})
+    n, created, id_ = chat.n or 1, int(time.time()), "chatcmpl-" + record_of(request).request_id.removeprefix("req_")
+    headers = {**headers, "x-guardrail-decision": "block"}
+    if chat.stream:
+        response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
+        await response.prepare(request)
+        for chunk in refusal_stream(chat.model, route.refusal, n, id_=id_, created=created):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+    return web.json_response(refusal_completion(chat.model, route.refusal, n, id_=id_, created=created),
+                             headers=headers)
+
+
+def relay_unchanged(status: int, body: bytes, upstream_headers: dict[str, str], headers: dict[str, str],
+                    decision: str) -> web.Response:
+    resp = web.Response(status=status, body=body, headers={**headers, "x-guardrail-decision": decision})
+    resp.headers["Content-Type"] = upstream_headers.get("content-type", "application/json")
+    for key in ("retry-after", "openai-processing-ms", "openai-version"):
+        if key in upstream_headers:
+            resp.headers[key] = upstream_headers[key]
+    return resp
+
+
+def upstream_failed(request: web.Request, record: Record, kind: str) -> None:
+    """Count an upstream failure once per request, however many layers see it."""
+    if record.error is None:
+        record.error = f"upstream_{kind}"
+        request.app[METRICS].upstream_errors.labels(record.upstream or "-", kind).inc()
+
+
+async def relay_json(request: web.Request, route: RouteSettings, chat: ChatRequest, upstream: Upstream,
+                     out: Outgoing, verdict_in: Verdict, headers: dict[str, str]) -> web.StreamResponse:
+    record, started = record_of(request), time.perf_counter()
+    try:
+        async with upstream.open(out) as reply:
+            body = await reply.body()
+            status, upstream_headers = reply.status, dict(reply.headers)
+    except UpstreamError as exc:
+        upstream_failed(request, record, exc.code or "error")
+        raise
+    record.upstream_ms = round((time.perf_counter() - started) * 1000, 2)
+    request.app[METRICS].upstream_latency.labels(upstream.name).observe(record.upstream_ms / 1000)
+    if status != 200:
+        upstream_failed(request, record, f"http_{status}")
+        return relay_unchanged(status, body, upstream_headers, headers, record.decision)
+    try:
+        completion_json = json.loads(body)
+        completion = ChatCompletion.model_validate(completion_json)
+    except (ValueError, ValidationError) as exc:
+        upstream_failed(request, record, "malformed")
+        raise UpstreamError("The upstream returned a malformed chat completion.") from exc
+    replies = [Reply(c.index, reply_text(c.message)) for c in completion.choices]
+    verdicts = await screen_output(request, route, chat, replies)
+    if request.app[SETTINGS].server.log_content:
+        record.completion = [r.text for r in replies]
+    overall = combine(verdict_in, *verdicts.values())
+    blocked = {i for i, v in verdicts.items() if v.blocked}
+    if any(v.guard_failed for v in verdicts.values()):
+        raise guard_failure(overall)
+    if not blocked:
+        return relay_unchanged(200, body, upstream_headers, headers, record.decision)
+    if route.on_block == "error":
+        err = violation(overall)
+        return web.json_response(err.body(), status=err.status, headers={**headers, "x-guardrail-decision": "block"})
+    replaced = replace_choices(completion_json, blocked, route.refusal)
+    return web.json_response(replaced, headers={**headers, "x-guardrail-decision": "block"})
+
+
+async def relay_stream(request: web.Request, route: RouteSettings, chat: ChatRequest, upstream: Upstream,
+                       out: Outgoing, verdict_in: Verdict, headers: dict[str, str]) -> web.StreamResponse:
+    record, started = record_of(request), time.perf_counter()
+    interval = request.app[SETTINGS].server.keepalive_interval_s
+    try:
+        async with upstream.open(out) as reply:
+            if reply.status != 200:
+                upstream_failed(request, record, f"http_{reply.status}")
+                body = await reply.body()
+                return relay_unchanged(reply.status, body, dict(reply.headers), headers, record.decision)
+            async with HeldResponse(request, headers, interval) as held_response:
+                try:
+                    held = await hold(reply.chunks())
+                except MalformedStream as exc:
+                    upstream_failed(request, record, "malformed_stream")
+                    return await held_response.send_error(UpstreamError(f"The upstream stream broke: {exc}."))
+                except ProxyError as exc:
+                    upstream_failed(request, record, exc.code or "error")
+                    return await held_response.send_error(exc)
+                record.upstream_ms = round((time.perf_counter() - started) * 1000, 2)
+                if held.error is not None:
+                    upstream_failed(request, record, "stream_error_event")
+                    return await held_response.send(replay(held, set(), route.refusal), record.decision)
+                return await finish_stream(request, route, chat, held_response, held, verdict_in)
+    except UpstreamError as exc:
+        upstream_failed(request, record, exc.code or "error")
+        raise
+
+
+async def finish_stream(request: web.Request, route: RouteSettings, chat: ChatRequest, held_response: HeldResponse,
+                        held: Any, verdict_in: Verdict) -> web.StreamResponse:
+    record = record_of(request)
+    replies = held.replies()
+    verdicts = await screen_output(request, route, chat, replies)
+    if request.app[SETTINGS].server.log_content:
+        record.completion = [r.text for r in replies]
+    overall = combine(verdict_in, *verdicts.values())
+    if any(v.guard_failed for v in verdicts.values()):
+        return await held_response.send_error(guard_failure(overall))
+    blocked = {i for i, v in verdicts.items() if v.blocked}
+    if blocked and route.on_block == "error":
+        return await held_response.send_error(violation(overall))
+    return await held_response.send(replay(held, blocked, route.refusal), record.decision)

@@ -1,0 +1,75 @@
+"""Middleware: request id, the OpenAI error envelope for every failure, the per-request record."""
+
+from __future__ import annotations
+
+import re
+
+import structlog
+from aiohttp import web
+
+from proxy.errors import NotFound, ProxyError
+from proxy.protocol import error_body
+from proxy.server.state import METRICS, RECORD, Record
+
+log = structlog.get_logger("proxy.request")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def error_response(error: ProxyError, record: Record) -> web.Response:
+    headers = {**error.headers(), "x-request-id": record.request_id}
+    if record.policy is not None:
+        headers["x-guardrail-policy"] = record.policy
+        headers["x-guardrail-decision"] = record.decision
+    return web.json_response(error.body(), status=error.status, headers=headers)
+
+
+@web.middleware
+async def record_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    record = Record()
+    incoming = request.headers.get("x-request-id", "")
+    if _REQUEST_ID.match(incoming):
+        record.request_id = incoming
+    request[RECORD] = record
+    metrics = request.app[METRICS]
+    metrics.in_flight.inc()
+    try:
+        response = await _handle(request, handler, record)
+        record.status = response.status
+        if not response.prepared:
+            response.headers["x-request-id"] = record.request_id
+        return response
+    finally:
+        metrics.in_flight.dec()
+        _finish(request, record)
+
+
+async def _handle(request: web.Request, handler: web.Handler, record: Record) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ProxyError as exc:
+        record.error = record.error or exc.code
+        if exc.status == 503 and record.policy is not None:
+            record.decision = "block"
+        return error_response(exc, record)
+    except web.HTTPException as exc:
+        if exc.status == 404:
+            return error_response(NotFound(f"Unknown path {request.path}"), record)
+        body = error_body(exc.reason, "invalid_request_error", f"http_{exc.status}")
+        return web.json_response(body, status=exc.status, headers={"x-request-id": record.request_id})
+    except Exception:
+        log.exception("unhandled_error", request_id=record.request_id, path=request.path)
+        record.error = "internal_error"
+        return web.json_response(error_body("The proxy failed to handle the request.", "server_error",
+                                            "internal_error"), status=500,
+                                 headers={"x-request-id": record.request_id})
+
+
+def _finish(request: web.Request, record: Record) -> None:
+    if not request.path.startswith("/v1/"):
+        return
+    if record.status == 0:
+        record.status = 499  # the client went away before an answer
+    metrics = request.app[METRICS]
+    metrics.requests.labels(record.tenant or "-", record.route or "-", record.decision,
+                            str(record.status)).inc()
+    log.info("request", path=request.path, **record.fields())

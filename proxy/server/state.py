@@ -1,0 +1,75 @@
+"""Typed app state: everything long-lived hangs off the aiohttp app under these keys."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from proxy.guards.guard import Guard
+from proxy.observability import Metrics
+from proxy.policy.store import PolicyStore
+from proxy.server.auth import Tenants
+from proxy.settings import Settings
+from proxy.upstream.relay import Upstream
+
+
+@dataclass
+class Readiness:
+    ready: bool = False
+    error: str | None = None
+
+
+SETTINGS = web.AppKey("settings", Settings)
+POLICIES = web.AppKey("policies", PolicyStore)
+GUARDS = web.AppKey("guards", dict[str, Guard])
+UPSTREAMS = web.AppKey("upstreams", dict[str, Upstream])
+METRICS = web.AppKey("metrics", Metrics)
+TENANTS = web.AppKey("tenants", Tenants)
+READINESS = web.AppKey("readiness", Readiness)
+
+
+@dataclass
+class Record:
+    """What one request did; logged as one JSON line and counted in metrics when it ends."""
+
+    request_id: str = field(default_factory=lambda: "req_" + uuid.uuid4().hex[:24])
+    started: float = field(default_factory=time.perf_counter)
+    tenant: str | None = None
+    route: str | None = None
+    policy: str | None = None
+    model: str | None = None
+    stream: bool | None = None
+    decision: str = "allow"
+    status: int = 0
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    categories: list[str] = field(default_factory=list)
+    upstream: str | None = None
+    upstream_ms: float | None = None
+    error: str | None = None
+    prompt: Any = None
+    completion: Any = None
+
+    def fields(self) -> Mapping[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if v is not None and k not in ("started",)}
+        out["latency_ms"] = round((time.perf_counter() - self.started) * 1000, 2)
+        if not self.checks:
+            out.pop("checks", None)
+        if not self.categories:
+            out.pop("categories", None)
+        return out
+
+
+RECORD = "guardrail.record"
+
+
+def record_of(request: web.Request) -> Record:
+    rec = request.get(RECORD)
+    if rec is None:
+        rec = Record()
+        request[RECORD] = rec
+    return rec  # type: ignore[no-any-return]

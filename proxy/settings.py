@@ -1,0 +1,158 @@
+"""config.yaml: the proxy's strict configuration (server, upstreams, tenants, guards, runner).
+
+Loaded once at startup and by `guardrail-proxy check`; policies live in their own files (proxy/policy).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from proxy.yaml_source import ConfigError, YamlDoc, describe, load_yaml
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def resolve_secret(value: str) -> str:
+    """`env:NAME` reads the environment; anything else is the literal secret."""
+    if value.startswith("env:"):
+        name = value[4:]
+        found = os.environ.get(name)
+        if found is None:
+            raise ConfigError([f"environment variable {name} is not set"])
+        return found
+    return value
+
+
+class ServerSettings(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    max_body_bytes: int = Field(default=4_000_000, ge=1024)
+    keepalive_interval_s: float = Field(default=5.0, gt=0)
+    log_content: bool = False
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    policy_reload_interval_s: float = Field(default=1.0, gt=0)
+    models_upstream: str | None = None
+
+
+class UpstreamSettings(Strict):
+    kind: Literal["openai", "litellm"] = "openai"
+    base_url: str = ""
+    api_key: str | None = None
+    provider_model_prefix: str | None = None
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    total_timeout_s: float = Field(default=600.0, gt=0)
+    read_timeout_s: float = Field(default=120.0, gt=0)
+    headers: dict[str, str] = Field(default_factory=dict)
+    forward_client_key: bool = False
+
+    @model_validator(mode="after")
+    def _needs_url(self) -> UpstreamSettings:
+        if self.kind == "openai" and not self.base_url:
+            raise ValueError("base_url is required for an openai upstream")
+        return self
+
+    def key(self) -> str | None:
+        return resolve_secret(self.api_key) if self.api_key else None
+
+
+class TenantSettings(Strict):
+    keys: list[str] = Field(min_length=1)
+    policy: str
+
+
+GuardFamily = Literal[
+    "prompt-guard-1", "prompt-guard-2",
+    "llama-guard-1", "llama-guard-2", "llama-guard-3-1b", "llama-guard-3-8b", "llama-guard-4",
+]
+
+
+class GuardSettings(Strict):
+    family: GuardFamily
+    backend: Literal["transformers", "openai", "llama-cpp"] = "transformers"
+    model: str = Field(min_length=1, description="hub id, local directory, GGUF file, or remote model name")
+    revision: str | None = None
+    device: str = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Prompt Guard
+    window_tokens: int = Field(default=512, ge=8, le=512)
+    window_overlap_tokens: int = Field(default=128, ge=0)
+    max_windows: int = Field(default=64, ge=1)
+    normalize_whitespace: bool = False
+    temperature: float = Field(default=1.0, gt=0)
+    # Llama Guard
+    max_new_tokens: int = Field(default=20, ge=1, le=64)
+    min_mass: float = Field(default=0.9, ge=0, le=1)
+    # remote
+    base_url: str | None = None
+    api: Literal["vllm", "llama-cpp", "ollama", "tgi"] = "vllm"
+    api_key: str | None = None
+    timeout_s: float = Field(default=30.0, gt=0)
+    tokenizer: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> GuardSettings:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("base_url is required for backend: openai")
+        if self.window_overlap_tokens >= self.window_tokens - 2:
+            raise ValueError("window_overlap_tokens must be smaller than window_tokens - 2")
+        return self
+
+    @property
+    def is_prompt_guard(self) -> bool:
+        return self.family.startswith("prompt-guard")
+
+
+class RunnerSettings(Strict):
+    max_batch: int = Field(default=16, ge=1)
+    max_wait_ms: float = Field(default=2.0, ge=0)
+    max_queue: int = Field(default=256, ge=1)
+    threads: int = Field(default=0, ge=0, description="torch intra-op threads per worker; 0 = torch default")
+
+
+class Settings(Strict):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    upstreams: dict[str, UpstreamSettings] = Field(min_length=1)
+    tenants: dict[str, TenantSettings] = Field(default_factory=dict)
+    policies_dir: Path = Path("policies")
+    guards: dict[str, GuardSettings] = Field(default_factory=dict)
+    runner: RunnerSettings = Field(default_factory=RunnerSettings)
+
+    @field_validator("tenants")
+    @classmethod
+    def _unique_keys(cls, tenants: dict[str, TenantSettings]) -> dict[str, TenantSettings]:
+        seen: dict[str, str] = {}
+        for name, tenant in tenants.items():
+            for key in tenant.keys:
+                if key in seen:
+                    raise ValueError(f"tenants {seen[key]} and {name} share an API key")
+                seen[key] = name
+        return tenants
+
+    @model_validator(mode="after")
+    def _models_upstream(self) -> Settings:
+        up = self.server.models_upstream
+        if up is not None and up not in self.upstreams:
+            raise ValueError(f"server.models_upstream names unknown upstream {up!r}")
+        return self
+
+
+ConfigPath = Annotated[Path, "config file"]
+
+
+def load_settings(path: Path) -> tuple[Settings, YamlDoc]:
+    doc = load_yaml(path)
+    if not isinstance(doc.data, dict):
+        raise ConfigError([f"{path}:1: the config must be a mapping"])
+    try:
+        settings = Settings.model_validate(doc.data)
+    except ValidationError as exc:
+        raise ConfigError(describe(doc, exc)) from exc
+    if not settings.policies_dir.is_absolute():
+        settings = settings.model_copy(update={"policies_dir": (path.parent / settings.policies_dir).resolve()})
+    return settings, doc

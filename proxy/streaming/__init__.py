@@ -1,0 +1,1 @@
+"""Streaming: SSE reading and writing, and the buffered relay that holds a stream until it is checked."""

@@ -1,0 +1,138 @@
+"""The OpenAI-compatible relay: the client's JSON body goes upstream as is (only fields the route
+changes are replaced), the upstream's status and body come back unchanged.
+
+One aiohttp ClientSession serves every upstream. Timeouts: connect, total, and between chunks
+(`read_timeout_s`). Leaving the `open()` block early (client gone, check failed) closes the
+upstream connection, so the upstream stops generating.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+
+from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.settings import UpstreamSettings
+
+# Headers that describe one hop or that the proxy sets itself; never copied across.
+HOP_HEADERS = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "transfer-encoding", "upgrade", "host", "content-length", "content-encoding", "authorization",
+    "api-key", "x-api-key", "cookie", "set-cookie",
+})
+RELAYED_RESPONSE_HEADERS = ("content-type", "openai-processing-ms", "openai-version", "x-ratelimit-limit-requests",
+                            "x-ratelimit-remaining-requests", "x-ratelimit-limit-tokens",
+                            "x-ratelimit-remaining-tokens", "retry-after")
+
+
+@dataclass
+class Outgoing:
+    path: str                 # e.g. "/chat/completions" (relative to the upstream base_url)
+    body: bytes
+    payload: Mapping[str, Any] | None
+    stream: bool
+    client_headers: Mapping[str, str]
+    client_key: str | None
+    request_id: str
+    method: str = "POST"
+
+
+class Reply(Protocol):
+    status: int
+    headers: Mapping[str, str]
+
+    async def body(self) -> bytes: ...
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+
+class Upstream(Protocol):
+    name: str
+
+    def open(self, out: Outgoing) -> contextlib.AbstractAsyncContextManager[Reply]: ...
+
+
+class _AiohttpReply:
+    def __init__(self, resp: aiohttp.ClientResponse, name: str) -> None:
+        self._resp = resp
+        self._name = name
+        self.status = resp.status
+        self.headers = {k.lower(): v for k, v in resp.headers.items() if k.lower() in RELAYED_RESPONSE_HEADERS}
+
+    async def body(self) -> bytes:
+        try:
+            return await self._resp.read()
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeout(f"upstream {self._name} timed out while sending its reply") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"upstream {self._name} broke off its reply: {type(exc).__name__}") from exc
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._resp.content.iter_any():
+                yield chunk
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeout(f"upstream {self._name} stopped sending (read timeout)") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"upstream {self._name} broke off its stream: {type(exc).__name__}") from exc
+
+
+class OpenAIUpstream:
+    def __init__(self, name: str, settings: UpstreamSettings, session: aiohttp.ClientSession) -> None:
+        self.name = name
+        self.settings = settings
+        self.session = session
+        self.base_url = settings.base_url.rstrip("/")
+        self._key = settings.key()
+        self._timeout = aiohttp.ClientTimeout(total=settings.total_timeout_s, connect=settings.connect_timeout_s,
+                                              sock_read=settings.read_timeout_s)
+
+    def _headers(self, out: Outgoing) -> dict[str, str]:
+        headers = {k: v for k, v in out.client_headers.items() if k.lower() not in HOP_HEADERS
+                   and not k.lower().startswith("x-guardrail")}
+        headers.update(self.settings.headers)
+        headers["Content-Type"] = "application/json"
+        headers["X-Request-ID"] = out.request_id
+        key = out.client_key if self.settings.forward_client_key else self._key
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    @contextlib.asynccontextmanager
+    async def open(self, out: Outgoing) -> AsyncIterator[Reply]:
+        url = self.base_url + out.path
+        try:
+            resp = await self.session.request(out.method, url, data=out.body if out.method != "GET" else None,
+                                              headers=self._headers(out), timeout=self._timeout)
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeout(f"upstream {self.name} did not answer in time") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"upstream {self.name} is unreachable: {type(exc).__name__}") from exc
+        try:
+            yield _AiohttpReply(resp, self.name)
+        finally:
+            # Closing (not releasing) drops the connection: an unfinished upstream generation stops.
+            resp.close()
+
+
+def rewrite_body(raw: bytes, payload: dict[str, Any], changes: Mapping[str, Any]) -> bytes:
+    """The body to forward: the client's bytes untouched unless the route changes a field."""
+    if not changes or all(payload.get(k) == v for k, v in changes.items()):
+        return raw
+    return json.dumps({**payload, **changes}, ensure_ascii=False).encode()
+
+
+async def read_json(reply: Reply) -> Any:
+    raw = await reply.body()
+    try:
+        return raw, json.loads(raw)
+    except ValueError as exc:
+        raise UpstreamError("upstream returned a reply that is not JSON") from exc
+
+
+__all__ = ["OpenAIUpstream", "Outgoing", "Reply", "Upstream", "read_json", "rewrite_body"]
