@@ -20,7 +20,7 @@ from proxy.screening.refusal import refusal_completion, replace_choices
 from proxy.server.state import GUARDS, METRICS, POLICIES, READINESS, SETTINGS, TENANTS, UPSTREAMS, Record, record_of
 from proxy.streaming.buffered import hold, refusal_stream, replay
 from proxy.streaming.held_response import SSE_HEADERS, HeldResponse
-from proxy.streaming.sse import MalformedStream
+from proxy.streaming.sse import DONE, MalformedStream
 from proxy.upstream.relay import Outgoing, Upstream, rewrite_body
 
 CHAT_PATH = "/v1/chat/completions"
@@ -78,9 +78,23 @@ async def read_chat_request(request: web.Request) -> tuple[bytes, dict[str, Any]
         chat = ChatRequest.model_validate(payload)
     except ValidationError as exc:
         first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "tagged-")))
+        param = error_param(first["loc"])
         raise BadRequest(f"Invalid value for '{param}': {first['msg']}", param=param or None) from exc
     return raw, payload, chat
+
+
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "TextPart", "ImagePart",
+                         "OtherPart"})
+
+
+def error_param(loc: tuple[int | str, ...]) -> str:
+    """`messages.0.content` from a pydantic location, without union member tags."""
+    parts = []
+    for part in loc:
+        if isinstance(part, str) and (part in _UNION_TAGS or "[" in part or part.startswith("function-")):
+            break
+        parts.append(str(part))
+    return ".".join(parts)
 
 
 def check_limits(route: RouteSettings, chat: ChatRequest) -> None:
@@ -246,8 +260,9 @@ async def relay_stream(request: web.Request, route: RouteSettings, chat: ChatReq
                     return await held_response.send_error(exc)
                 record.upstream_ms = round((time.perf_counter() - started) * 1000, 2)
                 if held.error is not None:
+                    # Relay the upstream's error, never the unchecked content that came before it.
                     upstream_failed(request, record, "stream_error_event")
-                    return await held_response.send(replay(held, set(), route.refusal), record.decision)
+                    return await held_response.send([held.events[-1].raw, DONE], record.decision)
                 return await finish_stream(request, route, chat, held_response, held, verdict_in)
     except UpstreamError as exc:
         upstream_failed(request, record, exc.code or "error")

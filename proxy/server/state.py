@@ -64,7 +64,7 @@ class Record:
         return out
 
 
-RECORD = "guardrail.record"
+RECORD = web.RequestKey("record", Record)
 
 
 def record_of(request: web.Request) -> Record:
@@ -72,4 +72,4 @@ def record_of(request: web.Request) -> Record:
     if rec is None:
         rec = Record()
         request[RECORD] = rec
-    return rec  # type: ignore[no-any-return]
+    return rec
