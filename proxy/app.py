@@ -17,8 +17,7 @@ from proxy.policy.store import GuardKind, PolicyContext, PolicyStore
 from proxy.server.auth import Tenants
 from proxy.server.middleware import record_middleware
 from proxy.server.routes import add_routes
-from proxy.server.state import (GUARDS, METRICS, POLICIES, READINESS, SETTINGS, TENANTS, UPSTREAMS,
-                                Readiness)
+from proxy.server.state import GUARDS, METRICS, POLICIES, READINESS, SETTINGS, TENANTS, UPSTREAMS, Readiness
 from proxy.settings import Settings
 from proxy.upstream.relay import OpenAIUpstream, Upstream
 
@@ -31,12 +30,14 @@ def guard_kinds(settings: Settings, guards: Mapping[str, Guard] | None) -> dict[
     return {name: ("text" if g.is_prompt_guard else "conversation") for name, g in settings.guards.items()}
 
 
-def build_app(settings: Settings, *, guards: Mapping[str, Guard] | None = None,
-              upstreams: Mapping[str, Upstream] | None = None) -> web.Application:
+def build_app(
+    settings: Settings, *, guards: Mapping[str, Guard] | None = None, upstreams: Mapping[str, Upstream] | None = None
+) -> web.Application:
     """`guards` and `upstreams` replace the configured ones (tests inject scripted fakes here)."""
     tenants = Tenants(settings.tenants)
-    ctx = PolicyContext(guards=guard_kinds(settings, guards), upstreams=frozenset(settings.upstreams),
-                        required=tenants.policies)
+    ctx = PolicyContext(
+        guards=guard_kinds(settings, guards), upstreams=frozenset(settings.upstreams), required=tenants.policies
+    )
     store = PolicyStore(settings.policies_dir, ctx, reload_interval_s=settings.server.policy_reload_interval_s)
     app = web.Application(middlewares=[record_middleware], client_max_size=settings.server.max_body_bytes)
     app[SETTINGS] = settings
@@ -58,8 +59,11 @@ def _lifecycle(guards_injected: bool, upstreams_injected: bool):  # type: ignore
         if not upstreams_injected:
             app[UPSTREAMS] = build_upstreams(settings, session)
         if app[TENANTS].open:
-            log.warning("open_mode", message="no tenants configured: single-tenant open mode, every request "
-                        "uses policy 'default' and no API key is checked")
+            log.warning(
+                "open_mode",
+                message="no tenants configured: single-tenant open mode, every request "
+                "uses policy 'default' and no API key is checked",
+            )
         watcher = asyncio.create_task(app[POLICIES].watch())
         app[METRICS].policy_reload_failures.set_function(lambda: app[POLICIES].reload_failures)
         loader: asyncio.Task[None] | None = None
@@ -102,7 +106,8 @@ async def _load(app: web.Application, guard_set: object) -> None:
         log.error("guards_failed_to_load", error=str(exc))
         return
     app[READINESS].ready = True
-    log.info("guards_ready", guards=sorted(app[GUARDS]))
+    guards = app[GUARDS]
+    log.info("guards_ready", guards=sorted(guards))
 
 
 def build_upstreams(settings: Settings, session: aiohttp.ClientSession) -> dict[str, Upstream]:

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", default="default")
     p.add_argument("--route", default=None, help="route name (default: the chat route for --model)")
     p.add_argument("--model", default="*", help="model name used to pick the route")
-    p.add_argument("--file", type=Path, help="JSONL: one {\"messages\": [...]} conversation per line")
+    p.add_argument("--file", type=Path, help='JSONL: one {"messages": [...]} conversation per line')
     p.add_argument("text", nargs="?", help="a user message to score")
     p = sub.add_parser("demo", help="run the whole flow offline with tiny trigger-word demo guards")
     p.add_argument("--cache-dir", type=Path, default=None)
@@ -66,16 +66,16 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     settings, _ = load_settings(args.config)
     tenants = Tenants(settings.tenants)
-    ctx = PolicyContext(guards=guard_kinds(settings, None), upstreams=frozenset(settings.upstreams),
-                        required=tenants.policies)
+    ctx = PolicyContext(
+        guards=guard_kinds(settings, None), upstreams=frozenset(settings.upstreams), required=tenants.policies
+    )
     policies = load_policies(settings.policies_dir, ctx)
     assignments = {name: t.policy for name, t in settings.tenants.items()} or {"(open mode)": "default"}
     for tenant, policy_name in assignments.items():
         policy = policies.get(policy_name)
         for route in policy.routes:
             print(f"tenant {tenant}: policy {policy.tag} route {route.name}: {describe_route(route)}")
-    print(f"ok: {len(settings.guards)} guards, {len(settings.upstreams)} upstreams, "
-          f"{len(policies.policies)} policies")
+    print(f"ok: {len(settings.guards)} guards, {len(settings.upstreams)} upstreams, {len(policies.policies)} policies")
     return 0
 
 
@@ -86,7 +86,12 @@ def describe_route(route: object) -> str:
     where = f"{route.match.path} model {route.match.model}"
     if route.passthrough:
         return f"{where} -> passthrough to {route.upstream} (unscreened)"
-    checks = " ".join(f"{side}:" + ",".join(f"{c.guard}>={c.threshold:g}" for c in getattr(route, side))
-                      for side in ("input", "output") if getattr(route, side))
-    return (f"{where} -> {route.upstream}, {route.mode}, on_block={route.on_block}, "
-            f"on_guard_error={route.on_guard_error}, {checks or 'no checks'}")
+    checks = " ".join(
+        f"{side}:" + ",".join(f"{c.guard}>={c.threshold:g}" for c in getattr(route, side))
+        for side in ("input", "output")
+        if getattr(route, side)
+    )
+    return (
+        f"{where} -> {route.upstream}, {route.mode}, on_block={route.on_block}, "
+        f"on_guard_error={route.on_guard_error}, {checks or 'no checks'}"
+    )

@@ -33,22 +33,48 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("guardrail_requests", "Requests by tenant, route, decision and HTTP status",
-                                ["tenant", "route", "decision", "status"], registry=r)
-        self.blocks = Counter("guardrail_blocks", "Blocked or flagged checks by category",
-                              ["tenant", "route", "side", "category", "decision"], registry=r)
-        self.guard_latency = Histogram("guardrail_guard_latency_seconds", "Time one guard check took",
-                                       ["guard", "side"], buckets=LATENCY_BUCKETS, registry=r)
-        self.guard_errors = Counter("guardrail_guard_errors", "Guard checks that failed or timed out",
-                                    ["guard"], registry=r)
-        self.fail_open = Counter("guardrail_fail_open", "Guard errors let through by on_guard_error: allow",
-                                 ["tenant", "route", "guard"], registry=r)
-        self.upstream_latency = Histogram("guardrail_upstream_latency_seconds", "Upstream time to full reply",
-                                          ["upstream"], buckets=LATENCY_BUCKETS, registry=r)
-        self.upstream_errors = Counter("guardrail_upstream_errors", "Upstream failures by kind",
-                                       ["upstream", "kind"], registry=r)
+        self.requests = Counter(
+            "guardrail_requests",
+            "Requests by tenant, route, decision and HTTP status",
+            ["tenant", "route", "decision", "status"],
+            registry=r,
+        )
+        self.blocks = Counter(
+            "guardrail_blocks",
+            "Blocked or flagged checks by category",
+            ["tenant", "route", "side", "category", "decision"],
+            registry=r,
+        )
+        self.guard_latency = Histogram(
+            "guardrail_guard_latency_seconds",
+            "Time one guard check took",
+            ["guard", "side"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.guard_errors = Counter(
+            "guardrail_guard_errors", "Guard checks that failed or timed out", ["guard"], registry=r
+        )
+        self.fail_open = Counter(
+            "guardrail_fail_open",
+            "Guard errors let through by on_guard_error: allow",
+            ["tenant", "route", "guard"],
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "guardrail_upstream_latency_seconds",
+            "Upstream time to full reply",
+            ["upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "guardrail_upstream_errors", "Upstream failures by kind", ["upstream", "kind"], registry=r
+        )
         self.in_flight = Gauge("guardrail_in_flight_requests", "Requests being handled", registry=r)
-        self.queue_depth = Gauge("guardrail_guard_queue_depth", "Jobs waiting in a guard runner queue",
-                                 ["device"], registry=r)
-        self.policy_reload_failures = Gauge("guardrail_policy_reload_failures",
-                                            "Policy reloads rejected since start", registry=r)
+        self.queue_depth = Gauge(
+            "guardrail_guard_queue_depth", "Jobs waiting in a guard runner queue", ["device"], registry=r
+        )
+        self.policy_reload_failures = Gauge(
+            "guardrail_policy_reload_failures", "Policy reloads rejected since start", registry=r
+        )

@@ -67,8 +67,13 @@ class TenantSettings(Strict):
 
 
 GuardFamily = Literal[
-    "prompt-guard-1", "prompt-guard-2",
-    "llama-guard-1", "llama-guard-2", "llama-guard-3-1b", "llama-guard-3-8b", "llama-guard-4",
+    "prompt-guard-1",
+    "prompt-guard-2",
+    "llama-guard-1",
+    "llama-guard-2",
+    "llama-guard-3-1b",
+    "llama-guard-3-8b",
+    "llama-guard-4",
 ]
 
 

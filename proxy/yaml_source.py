@@ -45,9 +45,11 @@ def _build(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> Any:
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = yaml.SafeLoader(" ").construct_object(key_node) if not isinstance(
-                key_node, yaml.ScalarNode
-            ) else _scalar(key_node)
+            key = (
+                yaml.SafeLoader(" ").construct_object(key_node)
+                if not isinstance(key_node, yaml.ScalarNode)
+                else _scalar(key_node)
+            )
             lines[(*loc, key)] = key_node.start_mark.line + 1
             out[key] = _build(value_node, (*loc, key), lines)
         return out

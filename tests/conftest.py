@@ -96,7 +96,9 @@ class Proxy:
 
 
 @asynccontextmanager
-async def running_proxy(settings: Settings, guards: Mapping[str, Guard], upstream: FakeUpstream) -> AsyncIterator[Proxy]:
+async def running_proxy(
+    settings: Settings, guards: Mapping[str, Guard], upstream: FakeUpstream
+) -> AsyncIterator[Proxy]:
     app = build_app(settings, guards=guards)
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
@@ -115,16 +117,23 @@ async def running_proxy(settings: Settings, guards: Mapping[str, Guard], upstrea
 def make_settings(tmp_path: Path, upstream: FakeUpstream, **overrides: Any) -> Settings:
     data: dict[str, Any] = {
         "server": {"keepalive_interval_s": 5.0, "policy_reload_interval_s": 0.05},
-        "upstreams": {"default": {"base_url": upstream.url, "api_key": "sk-upstream-secret",
-                                  "read_timeout_s": 2.0, "total_timeout_s": 10.0}},
+        "upstreams": {
+            "default": {
+                "base_url": upstream.url,
+                "api_key": "sk-upstream-secret",
+                "read_timeout_s": 2.0,
+                "total_timeout_s": 10.0,
+            }
+        },
         "policies_dir": str(tmp_path),
     }
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
-        else:
-            data[key] = value
-    return Settings.model_validate(data)
+    return Settings.model_validate(_merge(data, overrides))
+
+
+def _merge(base: Any, over: Any) -> Any:
+    if isinstance(base, dict) and isinstance(over, dict):
+        return {**base, **{k: _merge(base.get(k), v) for k, v in over.items()}}
+    return over
 
 
 ProxyFactory = Callable[..., Any]
@@ -134,12 +143,16 @@ ProxyFactory = Callable[..., Any]
 def start_proxy(tmp_path: Path, upstream: FakeUpstream) -> Callable[..., Any]:
     """`async with start_proxy(policies={...}, guards={...}, **settings) as proxy:`"""
 
-    def factory(*, policies: Mapping[str, str] | None = None, guards: Mapping[str, Guard] | None = None,
-                **overrides: Any) -> Any:
+    def factory(
+        *, policies: Mapping[str, str] | None = None, guards: Mapping[str, Guard] | None = None, **overrides: Any
+    ) -> Any:
         write_policies(tmp_path, policies or {"default": DEFAULT_POLICY})
         settings = make_settings(tmp_path, upstream, **overrides)
-        guard_set: Mapping[str, Guard] = guards if guards is not None else {
-            "prompt_guard": ScriptedTextGuard(), "llama_guard": ScriptedConversationGuard()}
+        guard_set: Mapping[str, Guard] = (
+            guards
+            if guards is not None
+            else {"prompt_guard": ScriptedTextGuard(), "llama_guard": ScriptedConversationGuard()}
+        )
         return running_proxy(settings, guard_set, upstream)
 
     return factory

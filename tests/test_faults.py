@@ -15,29 +15,47 @@ from tests.conftest import DEFAULT_POLICY
 from tests.fakes.guards import FailingGuard, ScriptedConversationGuard, ScriptedTextGuard
 
 GOOD = [{"role": "user", "content": "Say hello."}]
-ALLOW_ON_ERROR = DEFAULT_POLICY.replace('refusal: "Blocked by policy."',
-                                        'refusal: "Blocked by policy."\n  on_guard_error: allow')
+ALLOW_ON_ERROR = DEFAULT_POLICY.replace(
+    'refusal: "Blocked by policy."', 'refusal: "Blocked by policy."\n  on_guard_error: allow'
+)
 
 
 async def post(url: str, body: bytes, content_type: str = "application/json") -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as http, http.post(
-            url + "/v1/chat/completions", data=body,
-            headers={"Content-Type": content_type, "Authorization": "Bearer k"}) as resp:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            url + "/v1/chat/completions", data=body, headers={"Content-Type": content_type, "Authorization": "Bearer k"}
+        ) as resp,
+    ):
         return resp.status, await resp.json()
 
 
-@pytest.mark.parametrize(("body", "content_type", "status", "param"), [
-    (b"{not json", "application/json", 400, None),
-    (b'{"model": "m", "messages": []}', "application/json", 400, "messages"),
-    (b'{"model": "m"}', "application/json", 400, "messages"),
-    (b'{"model": "m", "messages": [{"role": "wizard", "content": "x"}]}', "application/json", 400, "messages.0.role"),
-    (b'{"model": "m", "messages": [{"role": "user", "content": 5}]}', "application/json", 400, "messages.0.content"),
-    (b'{"model": 3, "messages": [{"role": "user", "content": "x"}]}', "application/json", 400, "model"),
-    (b'["a list"]', "application/json", 400, None),
-    (b"model=m", "application/x-www-form-urlencoded", 415, None),
-])
-async def test_malformed_requests(start_proxy: Any, body: bytes, content_type: str, status: int,
-                                  param: str | None) -> None:
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "param"),
+    [
+        (b"{not json", "application/json", 400, None),
+        (b'{"model": "m", "messages": []}', "application/json", 400, "messages"),
+        (b'{"model": "m"}', "application/json", 400, "messages"),
+        (
+            b'{"model": "m", "messages": [{"role": "wizard", "content": "x"}]}',
+            "application/json",
+            400,
+            "messages.0.role",
+        ),
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": 5}]}',
+            "application/json",
+            400,
+            "messages.0.content",
+        ),
+        (b'{"model": 3, "messages": [{"role": "user", "content": "x"}]}', "application/json", 400, "model"),
+        (b'["a list"]', "application/json", 400, None),
+        (b"model=m", "application/x-www-form-urlencoded", 415, None),
+    ],
+)
+async def test_malformed_requests(
+    start_proxy: Any, body: bytes, content_type: str, status: int, param: str | None
+) -> None:
     async with start_proxy() as proxy:
         got, payload = await post(proxy.url, body, content_type)
     assert got == status
@@ -55,13 +73,25 @@ async def test_body_too_large_is_413(start_proxy: Any) -> None:
     assert payload["error"]["code"] == "request_too_large"
 
 
-@pytest.mark.parametrize(("limits", "messages"), [
-    ("max_messages: 2", [{"role": "user", "content": "a"}] * 3),
-    ("max_characters: 10", [{"role": "user", "content": "a" * 11}]),
-    ("max_images: 1", [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "https://example.invalid/a.png"}},
-        {"type": "image_url", "image_url": {"url": "https://example.invalid/b.png"}}]}]),
-])
+@pytest.mark.parametrize(
+    ("limits", "messages"),
+    [
+        ("max_messages: 2", [{"role": "user", "content": "a"}] * 3),
+        ("max_characters: 10", [{"role": "user", "content": "a" * 11}]),
+        (
+            "max_images: 1",
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "https://example.invalid/a.png"}},
+                        {"type": "image_url", "image_url": {"url": "https://example.invalid/b.png"}},
+                    ],
+                }
+            ],
+        ),
+    ],
+)
 async def test_policy_limits(start_proxy: Any, limits: str, messages: list[Any]) -> None:
     policy = DEFAULT_POLICY.replace('refusal: "Blocked by policy."', f'refusal: "x"\n  limits: {{{limits}}}')
     async with start_proxy(policies={"default": policy}) as proxy:
@@ -112,8 +142,12 @@ async def test_broken_streams_end_with_an_error_and_leak_nothing(start_proxy: An
     async with start_proxy(server={"keepalive_interval_s": 0.05}) as proxy:
         proxy.upstream.mode, proxy.upstream.delay_s = mode, 5.0
         proxy.upstream.replies = ["partial words that must not leak"]
-        async with aiohttp.ClientSession() as http, http.post(proxy.url + "/v1/chat/completions", json={
-                "model": "m", "messages": GOOD, "stream": True}) as resp:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                proxy.url + "/v1/chat/completions", json={"model": "m", "messages": GOOD, "stream": True}
+            ) as resp,
+        ):
             body = await resp.read()
             status = resp.status
     assert b"partial" not in body and b"words" not in body
@@ -140,7 +174,8 @@ async def test_keepalive_comments_while_held(start_proxy: Any) -> None:
     async with start_proxy(server={"keepalive_interval_s": 0.02}) as proxy:
         proxy.upstream.mode, proxy.upstream.delay_s = "trickle", 0.03
         async with proxy.client().chat.completions.with_streaming_response.create(
-                model="m", messages=GOOD, stream=True) as resp:
+            model="m", messages=GOOD, stream=True
+        ) as resp:
             body = b"".join([c async for c in resp.http_response.aiter_bytes()])
             assert resp.headers["x-guardrail-decision"] == "deferred"
     assert body.startswith(b": keep-alive\n\n")
@@ -175,8 +210,10 @@ async def test_guard_error_allowed_by_policy_passes_and_is_counted(start_proxy: 
     async with start_proxy(guards=guards, policies={"default": ALLOW_ON_ERROR}) as proxy:
         completion = await proxy.client().chat.completions.create(model="m", messages=GOOD)
         from proxy.server.state import METRICS
+
         fail_open = proxy.app[METRICS].registry.get_sample_value(
-            "guardrail_fail_open_total", {"tenant": "default", "route": "chat", "guard": "llama_guard"})
+            "guardrail_fail_open_total", {"tenant": "default", "route": "chat", "guard": "llama_guard"}
+        )
     assert completion.choices[0].message.content == "Hello! How can I help you today?"
     assert fail_open == 2.0  # the input and the output check
 
@@ -198,7 +235,8 @@ async def test_output_guard_error_mid_stream_ends_with_error_event(start_proxy: 
 
         guard.score_conversation = flaky  # type: ignore[method-assign]
         async with proxy.client().chat.completions.with_streaming_response.create(
-                model="m", messages=GOOD, stream=True) as resp:
+            model="m", messages=GOOD, stream=True
+        ) as resp:
             body = b"".join([c async for c in resp.http_response.aiter_bytes()])
     assert b"Hello" not in body
     assert b'"code":"guard_unavailable"' in body and body.endswith(b"data: [DONE]\n\n")
@@ -208,10 +246,10 @@ async def test_client_disconnect_cancels_upstream(start_proxy: Any) -> None:
     async with start_proxy() as proxy:
         proxy.upstream.mode, proxy.upstream.delay_s = "slow", 30.0
         async with aiohttp.ClientSession() as http:
-            task = asyncio.create_task(http.post(proxy.url + "/v1/chat/completions", json={
-                "model": "m", "messages": GOOD}).__aenter__())
-            while not proxy.upstream.chat_requests:
-                await asyncio.sleep(0.01)
+            task = asyncio.create_task(
+                http.post(proxy.url + "/v1/chat/completions", json={"model": "m", "messages": GOOD}).__aenter__()
+            )
+            await asyncio.wait_for(proxy.upstream.got_chat.wait(), 5)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task

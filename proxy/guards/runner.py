@@ -41,8 +41,9 @@ class _Job:
 
 
 class GuardRunner:
-    def __init__(self, device: str, *, max_batch: int = 16, max_wait_ms: float = 2.0, max_queue: int = 256,
-                 threads: int = 0) -> None:
+    def __init__(
+        self, device: str, *, max_batch: int = 16, max_wait_ms: float = 2.0, max_queue: int = 256, threads: int = 0
+    ) -> None:
         self.device = device
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
@@ -75,15 +76,14 @@ class GuardRunner:
     async def call(self, fn: Callable[[], T]) -> T:
         """Run one function in the worker thread (loading a model, a one-off computation)."""
         result = await self.submit(lambda items: [fn()], [None], key=("call", id(fn)))
-        return result[0]  # type: ignore[no-any-return]
+        return result[0]
 
     async def submit(self, fn: Callable[[list[I]], list[O]], items: list[I], *, key: Hashable = None) -> list[O]:
         """Queue `items` for `fn` and wait for its results (one per item, in order)."""
         if not items:
             return []
         loop = asyncio.get_running_loop()
-        job = _Job(fn=fn, key=key if key is not None else fn, items=list(items),
-                   future=loop.create_future(), loop=loop)
+        job = _Job(fn=fn, key=key if key is not None else fn, items=list(items), future=loop.create_future(), loop=loop)
         with self._cond:
             if self._stopping:
                 raise GuardError(f"guard runner {self.device} is stopped")
@@ -143,7 +143,7 @@ class GuardRunner:
                 results = batch[0].fn(items)
                 if len(results) != len(items):
                     raise GuardError(f"batch function returned {len(results)} results for {len(items)} items")
-            except BaseException as exc:  # noqa: BLE001 - delivered to every waiting request
+            except BaseException as exc:
                 err = exc if isinstance(exc, Exception) else GuardError(repr(exc))
                 for job in batch:
                     job.loop.call_soon_threadsafe(_set_exception, job.future, err)
@@ -152,7 +152,7 @@ class GuardRunner:
             self.items_run += len(items)
             start = 0
             for job in batch:
-                part = results[start:start + len(job.items)]
+                part = results[start : start + len(job.items)]
                 start += len(job.items)
                 job.loop.call_soon_threadsafe(_set_result, job.future, part)
 

@@ -22,9 +22,11 @@ class CheckSettings(Strict):
     guard: str = Field(min_length=1)
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     roles: tuple[Role, ...] | None = Field(
-        default=None, description="Prompt Guard only: which roles' texts are scored (default user, tool)")
+        default=None, description="Prompt Guard only: which roles' texts are scored (default user, tool)"
+    )
     score: Literal["full", "binary"] = Field(
-        default="full", description="Llama Guard only: full-vocabulary or safe/unsafe-renormalised P(unsafe)")
+        default="full", description="Llama Guard only: full-vocabulary or safe/unsafe-renormalised P(unsafe)"
+    )
     mode: Literal["enforce", "monitor"] | None = Field(default=None, description="overrides the route's mode")
 
 

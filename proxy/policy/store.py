@@ -17,7 +17,7 @@ from typing import Any, Literal
 import structlog
 from pydantic import ValidationError
 
-from proxy.policy.models import PolicyFile, Policy, RouteSettings
+from proxy.policy.models import Policy, PolicyFile, RouteSettings
 from proxy.yaml_source import ConfigError, Loc, YamlDoc, describe, load_yaml
 
 log = structlog.get_logger("proxy.policy")
@@ -174,8 +174,12 @@ def _resolve(name: str, docs: Mapping[str, YamlDoc], ctx: PolicyContext) -> Poli
     digest = hashlib.sha256()
     for member in chain:
         digest.update(member.encode() + b"\0" + docs[member].text.encode() + b"\0")
-    return Policy(name=name, version=digest.hexdigest()[:12], routes=tuple(resolved),
-                  files=tuple(str(docs[m].path) for m in chain))
+    return Policy(
+        name=name,
+        version=digest.hexdigest()[:12],
+        routes=tuple(resolved),
+        files=tuple(str(docs[m].path) for m in chain),
+    )
 
 
 def _origin(route_name: str, chain: list[str], docs: Mapping[str, YamlDoc]) -> tuple[YamlDoc, Loc]:
@@ -189,21 +193,29 @@ def _origin(route_name: str, chain: list[str], docs: Mapping[str, YamlDoc]) -> t
 def _cross_check(route: RouteSettings, ctx: PolicyContext, doc: YamlDoc, at: Loc) -> list[str]:
     problems = []
     if not route.passthrough and route.upstream not in ctx.upstreams:
-        problems.append(f"{doc.where((*at, 'upstream'))}: routes.{route.name}.upstream: "
-                        f"no upstream named {route.upstream!r} in the config")
+        problems.append(
+            f"{doc.where((*at, 'upstream'))}: routes.{route.name}.upstream: "
+            f"no upstream named {route.upstream!r} in the config"
+        )
     for side in ("input", "output"):
         for i, check in enumerate(getattr(route, side)):
             loc = (*at, side, i)
             kind = ctx.guards.get(check.guard)
             if kind is None:
-                problems.append(f"{doc.where((*loc, 'guard'))}: routes.{route.name}.{side}[{i}].guard: "
-                                f"no guard named {check.guard!r} in the config")
+                problems.append(
+                    f"{doc.where((*loc, 'guard'))}: routes.{route.name}.{side}[{i}].guard: "
+                    f"no guard named {check.guard!r} in the config"
+                )
             elif kind == "conversation" and check.roles is not None:
-                problems.append(f"{doc.where((*loc, 'roles'))}: routes.{route.name}.{side}[{i}].roles: "
-                                f"roles apply to Prompt Guard checks only")
+                problems.append(
+                    f"{doc.where((*loc, 'roles'))}: routes.{route.name}.{side}[{i}].roles: "
+                    f"roles apply to Prompt Guard checks only"
+                )
             elif kind == "text" and side == "output":
-                problems.append(f"{doc.where(loc)}: routes.{route.name}.output[{i}]: Prompt Guard screens "
-                                "untrusted input, not replies; use a Llama Guard check")
+                problems.append(
+                    f"{doc.where(loc)}: routes.{route.name}.output[{i}]: Prompt Guard screens "
+                    "untrusted input, not replies; use a Llama Guard check"
+                )
     return problems
 
 
@@ -227,8 +239,11 @@ class PolicyStore:
             self.reload_failures += 1
             # Remember the bad fingerprint so one bad save logs once, not every interval.
             self.current = PolicySet(self.current.policies, _fingerprint(self.directory))
-            log.error("policy_reload_rejected", problems=exc.problems,
-                      serving={n: p.version for n, p in self.current.policies.items()})
+            log.error(
+                "policy_reload_rejected",
+                problems=exc.problems,
+                serving={n: p.version for n, p in self.current.policies.items()},
+            )
             return False
         self.current = fresh
         log.info("policy_reloaded", versions={n: p.version for n, p in fresh.policies.items()})

@@ -14,12 +14,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from proxy.errors import BadRequest
-from proxy.guards.guard import Image, ScreenText, Speaker, Turn
+from proxy.guards.guard import Image, ScreenText, Speaker, TextSource, Turn
 from proxy.protocol import ChatRequest, ChoiceMessage, ImagePart, Message, TextPart
 
 SPEAKER: dict[str, Speaker | None] = {
-    "user": "User", "tool": "User", "function": "User", "assistant": "Agent",
-    "system": None, "developer": None,
+    "user": "User",
+    "tool": "User",
+    "function": "User",
+    "assistant": "Agent",
+    "system": None,
+    "developer": None,
 }
 
 
@@ -77,11 +81,11 @@ def message_text(message: Message) -> str:
 def screen_texts(request: ChatRequest, roles: Iterable[str]) -> list[ScreenText]:
     """Each text a Prompt Guard check scores, separately (scores are per text; max over texts)."""
     wanted = set(roles)
-    out = []
+    out: list[ScreenText] = []
     for message in request.messages:
         if message.role not in wanted and not (message.role == "function" and "tool" in wanted):
             continue
-        source = "user" if message.role in ("user", "system", "developer") else "third_party"
+        source: TextSource = "user" if message.role in ("user", "system", "developer") else "third_party"
         texts = text_parts(message) + (tool_call_text(message) if message.role == "assistant" else [])
         out.extend(ScreenText(t, source) for t in texts if t.strip())
     return out

@@ -109,8 +109,9 @@ async def _run_text_check(guard: TextGuard, texts: list[ScreenText], result: Che
     result.windows = sum(s.windows for s in scores)
 
 
-async def _run_conversation_check(guard: ConversationGuard, turns: list[Turn], route: RouteSettings,
-                                  check: CheckSettings, result: CheckResult) -> None:
+async def _run_conversation_check(
+    guard: ConversationGuard, turns: list[Turn], route: RouteSettings, check: CheckSettings, result: CheckResult
+) -> None:
     scored = await guard.score_conversation(turns, route.taxonomy(), categories_from=check.threshold)
     score = scored.score if check.score == "full" else scored.score_binary
     result.categories = scored.categories
@@ -118,8 +119,14 @@ async def _run_conversation_check(guard: ConversationGuard, turns: list[Turn], r
     result.score = 0.0 if scored.all_excluded else score
 
 
-async def _run_check(route: RouteSettings, check: CheckSettings, guard: Guard, result: CheckResult,
-                     texts: list[ScreenText] | None, turns: list[Turn] | None) -> None:
+async def _run_check(
+    route: RouteSettings,
+    check: CheckSettings,
+    guard: Guard,
+    result: CheckResult,
+    texts: list[ScreenText] | None,
+    turns: list[Turn] | None,
+) -> None:
     start = time.perf_counter()
     try:
         async with asyncio.timeout(route.guard_timeout_s):
@@ -138,39 +145,59 @@ async def _run_check(route: RouteSettings, check: CheckSettings, guard: Guard, r
         result.latency_ms = (time.perf_counter() - start) * 1000
 
 
-def _plan(route: RouteSettings, checks: Sequence[CheckSettings], guards: Mapping[str, Guard], side: Side,
-          request: ChatRequest, reply: Reply | None) -> list[tuple[CheckSettings, Guard, CheckResult,
-                                                                  list[ScreenText] | None, list[Turn] | None]]:
+def _plan(
+    route: RouteSettings,
+    checks: Sequence[CheckSettings],
+    guards: Mapping[str, Guard],
+    side: Side,
+    request: ChatRequest,
+    reply: Reply | None,
+) -> list[tuple[CheckSettings, Guard, CheckResult, list[ScreenText] | None, list[Turn] | None]]:
     plan = []
     for check in checks:
         guard = guards[check.guard]
-        result = CheckResult(guard=check.guard, side=side, threshold=check.threshold,
-                             enforced=_enforced(route, check), choice=reply.index if reply else None)
+        result = CheckResult(
+            guard=check.guard,
+            side=side,
+            threshold=check.threshold,
+            enforced=_enforced(route, check),
+            choice=reply.index if reply else None,
+        )
         texts = turns = None
         if isinstance(guard, TextGuard):
             roles = check.roles or (*DEFAULT_TEXT_ROLES, *(("system",) if route.screen_system else ()))
             texts = screen_texts(request, roles)
             result.skipped = not texts
         else:
-            turns = (output_conversation(request, reply, include_system=route.screen_system) if reply
-                     else input_conversation(request, include_system=route.screen_system))
+            turns = (
+                output_conversation(request, reply, include_system=route.screen_system)
+                if reply
+                else input_conversation(request, include_system=route.screen_system)
+            )
             result.skipped = not turns
         plan.append((check, guard, result, texts, turns))
     return plan
 
 
-async def screen(route: RouteSettings, guards: Mapping[str, Guard], request: ChatRequest,
-                 reply: Reply | None = None) -> Verdict:
+async def screen(
+    route: RouteSettings, guards: Mapping[str, Guard], request: ChatRequest, reply: Reply | None = None
+) -> Verdict:
     """Run the input checks (reply is None) or the output checks for one reply choice."""
     checks = route.output if reply is not None else route.input
     plan = _plan(route, checks, guards, "output" if reply else "input", request, reply)
-    await asyncio.gather(*(_run_check(route, check, guard, result, texts, turns)
-                           for check, guard, result, texts, turns in plan if not result.skipped))
+    await asyncio.gather(
+        *(
+            _run_check(route, check, guard, result, texts, turns)
+            for check, guard, result, texts, turns in plan
+            if not result.skipped
+        )
+    )
     return Verdict(results=[p[2] for p in plan], fail_closed=route.on_guard_error == "block")
 
 
-async def screen_replies(route: RouteSettings, guards: Mapping[str, Guard], request: ChatRequest,
-                         replies: Sequence[Reply]) -> dict[int, Verdict]:
+async def screen_replies(
+    route: RouteSettings, guards: Mapping[str, Guard], request: ChatRequest, replies: Sequence[Reply]
+) -> dict[int, Verdict]:
     verdicts = await asyncio.gather(*(screen(route, guards, request, reply) for reply in replies))
     return {reply.index: verdict for reply, verdict in zip(replies, verdicts, strict=True)}
 

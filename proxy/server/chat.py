@@ -10,8 +10,17 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from proxy.errors import (BadRequest, GuardUnavailable, ModelNotFound, NotReady, PayloadTooLarge,
-                          PolicyViolation, ProxyError, UnsupportedMediaType, UpstreamError)
+from proxy.errors import (
+    BadRequest,
+    GuardUnavailable,
+    ModelNotFound,
+    NotReady,
+    PayloadTooLarge,
+    PolicyViolation,
+    ProxyError,
+    UnsupportedMediaType,
+    UpstreamError,
+)
 from proxy.policy.models import RouteSettings
 from proxy.protocol import ChatCompletion, ChatRequest
 from proxy.screening.collect import Reply, count_limits, reply_text
@@ -35,8 +44,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     record.policy, record.model, record.stream = policy.tag, chat.model, bool(chat.stream)
     route = policy.resolve(CHAT_PATH, chat.model)
     if route is None or route.passthrough:
-        raise ModelNotFound(f"The model `{chat.model}` does not exist or you do not have access to it.",
-                            param="model")
+        raise ModelNotFound(f"The model `{chat.model}` does not exist or you do not have access to it.", param="model")
     record.route = route.name
     check_limits(route, chat)
     if request.app[SETTINGS].server.log_content:
@@ -49,9 +57,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
     upstream = request.app[UPSTREAMS][route.upstream]
     changes = {"model": route.rename_model} if route.rename_model else {}
-    out = Outgoing(path="/chat/completions", body=rewrite_body(raw, payload, changes), payload=payload,
-                   stream=bool(chat.stream), client_headers=request.headers, client_key=tenant.key,
-                   request_id=record.request_id)
+    out = Outgoing(
+        path="/chat/completions",
+        body=rewrite_body(raw, payload, changes),
+        payload=payload,
+        stream=bool(chat.stream),
+        client_headers=request.headers,
+        client_key=tenant.key,
+        request_id=record.request_id,
+    )
     record.upstream = upstream.name
     if chat.stream:
         return await relay_stream(request, route, chat, upstream, out, verdict, headers)
@@ -83,8 +97,7 @@ async def read_chat_request(request: web.Request) -> tuple[bytes, dict[str, Any]
     return raw, payload, chat
 
 
-_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "TextPart", "ImagePart",
-                         "OtherPart"})
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "TextPart", "ImagePart", "OtherPart"})
 
 
 def error_param(loc: tuple[int | str, ...]) -> str:
@@ -111,18 +124,21 @@ def check_limits(route: RouteSettings, chat: ChatRequest) -> None:
 async def screen_input(request: web.Request, route: RouteSettings, chat: ChatRequest) -> Verdict:
     if route.input and not request.app[READINESS].ready:
         raise NotReady("Guards are still loading; retry shortly.", retry_after_s=5)
-    verdict = await screen(route, request.app[GUARDS], chat)
+    guards = request.app[GUARDS]
+    verdict = await screen(route, guards, chat)
     note(request, route, verdict)
     return verdict
 
 
-async def screen_output(request: web.Request, route: RouteSettings, chat: ChatRequest,
-                        replies: list[Reply]) -> dict[int, Verdict]:
+async def screen_output(
+    request: web.Request, route: RouteSettings, chat: ChatRequest, replies: list[Reply]
+) -> dict[int, Verdict]:
     if not route.output:
         return {}
     if not request.app[READINESS].ready:
         raise NotReady("Guards are still loading; retry shortly.", retry_after_s=5)
-    verdicts = await screen_replies(route, request.app[GUARDS], chat, replies)
+    guards = request.app[GUARDS]
+    verdicts = await screen_replies(route, guards, chat, replies)
     note(request, route, *verdicts.values())
     return verdicts
 
@@ -144,8 +160,13 @@ def note(request: web.Request, route: RouteSettings, *verdicts: Verdict) -> None
             for result in verdict.results:
                 if result.hit:
                     for category in result.categories or ("none",):
-                        metrics.blocks.labels(record.tenant or "-", route.name, result.side, category,
-                                              "block" if result.enforced else "flag").inc()
+                        metrics.blocks.labels(
+                            record.tenant or "-",
+                            route.name,
+                            result.side,
+                            category,
+                            "block" if result.enforced else "flag",
+                        ).inc()
         record.categories = list(dict.fromkeys([*record.categories, *verdict.categories]))
         rank = {"allow": 0, "flag": 1, "block": 2}
         if rank[decision] > rank[record.decision]:
@@ -154,8 +175,7 @@ def note(request: web.Request, route: RouteSettings, *verdicts: Verdict) -> None
 
 def guard_failure(verdict: Verdict) -> GuardUnavailable:
     failed = [r.guard for r in verdict.results if r.error and r.enforced]
-    return GuardUnavailable(f"Content screening is unavailable ({', '.join(failed)}); retry later.",
-                            retry_after_s=2)
+    return GuardUnavailable(f"Content screening is unavailable ({', '.join(failed)}); retry later.", retry_after_s=2)
 
 
 def violation(verdict: Verdict) -> PolicyViolation:
@@ -164,8 +184,9 @@ def violation(verdict: Verdict) -> PolicyViolation:
     return PolicyViolation(f"The request was blocked by the content policy{detail}.", cats)
 
 
-async def answer_input_block(request: web.Request, route: RouteSettings, chat: ChatRequest, verdict: Verdict,
-                             headers: dict[str, str]) -> web.StreamResponse:
+async def answer_input_block(
+    request: web.Request, route: RouteSettings, chat: ChatRequest, verdict: Verdict, headers: dict[str, str]
+) -> web.StreamResponse:
     if verdict.guard_failed and not verdict.blocked:
         raise guard_failure(verdict)
     if route.on_block == "error":
@@ -180,12 +201,14 @@ async def answer_input_block(request: web.Request, route: RouteSettings, chat: C
             await response.write(chunk)
         await response.write_eof()
         return response
-    return web.json_response(refusal_completion(chat.model, route.refusal, n, id_=id_, created=created),
-                             headers=headers)
+    return web.json_response(
+        refusal_completion(chat.model, route.refusal, n, id_=id_, created=created), headers=headers
+    )
 
 
-def relay_unchanged(status: int, body: bytes, upstream_headers: dict[str, str], headers: dict[str, str],
-                    decision: str) -> web.Response:
+def relay_unchanged(
+    status: int, body: bytes, upstream_headers: dict[str, str], headers: dict[str, str], decision: str
+) -> web.Response:
     resp = web.Response(status=status, body=body, headers={**headers, "x-guardrail-decision": decision})
     resp.headers["Content-Type"] = upstream_headers.get("content-type", "application/json")
     for key in ("retry-after", "openai-processing-ms", "openai-version"):
@@ -201,8 +224,15 @@ def upstream_failed(request: web.Request, record: Record, kind: str) -> None:
         request.app[METRICS].upstream_errors.labels(record.upstream or "-", kind).inc()
 
 
-async def relay_json(request: web.Request, route: RouteSettings, chat: ChatRequest, upstream: Upstream,
-                     out: Outgoing, verdict_in: Verdict, headers: dict[str, str]) -> web.StreamResponse:
+async def relay_json(
+    request: web.Request,
+    route: RouteSettings,
+    chat: ChatRequest,
+    upstream: Upstream,
+    out: Outgoing,
+    verdict_in: Verdict,
+    headers: dict[str, str],
+) -> web.StreamResponse:
     record, started = record_of(request), time.perf_counter()
     try:
         async with upstream.open(out) as reply:
@@ -239,8 +269,15 @@ async def relay_json(request: web.Request, route: RouteSettings, chat: ChatReque
     return web.json_response(replaced, headers={**headers, "x-guardrail-decision": "block"})
 
 
-async def relay_stream(request: web.Request, route: RouteSettings, chat: ChatRequest, upstream: Upstream,
-                       out: Outgoing, verdict_in: Verdict, headers: dict[str, str]) -> web.StreamResponse:
+async def relay_stream(
+    request: web.Request,
+    route: RouteSettings,
+    chat: ChatRequest,
+    upstream: Upstream,
+    out: Outgoing,
+    verdict_in: Verdict,
+    headers: dict[str, str],
+) -> web.StreamResponse:
     record, started = record_of(request), time.perf_counter()
     interval = request.app[SETTINGS].server.keepalive_interval_s
     try:
@@ -269,8 +306,14 @@ async def relay_stream(request: web.Request, route: RouteSettings, chat: ChatReq
         raise
 
 
-async def finish_stream(request: web.Request, route: RouteSettings, chat: ChatRequest, held_response: HeldResponse,
-                        held: Any, verdict_in: Verdict) -> web.StreamResponse:
+async def finish_stream(
+    request: web.Request,
+    route: RouteSettings,
+    chat: ChatRequest,
+    held_response: HeldResponse,
+    held: Any,
+    verdict_in: Verdict,
+) -> web.StreamResponse:
     record = record_of(request)
     replies = held.replies()
     verdicts = await screen_output(request, route, chat, replies)

@@ -6,6 +6,7 @@ import re
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from proxy.errors import NotFound, ProxyError
 from proxy.protocol import error_body
@@ -24,7 +25,7 @@ def error_response(error: ProxyError, record: Record) -> web.Response:
 
 
 @web.middleware
-async def record_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def record_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     record = Record()
     incoming = request.headers.get("x-request-id", "")
     if _REQUEST_ID.match(incoming):
@@ -43,7 +44,7 @@ async def record_middleware(request: web.Request, handler: web.Handler) -> web.S
         _finish(request, record)
 
 
-async def _handle(request: web.Request, handler: web.Handler, record: Record) -> web.StreamResponse:
+async def _handle(request: web.Request, handler: Handler, record: Record) -> web.StreamResponse:
     try:
         return await handler(request)
     except ProxyError as exc:
@@ -59,9 +60,11 @@ async def _handle(request: web.Request, handler: web.Handler, record: Record) ->
     except Exception:
         log.exception("unhandled_error", request_id=record.request_id, path=request.path)
         record.error = "internal_error"
-        return web.json_response(error_body("The proxy failed to handle the request.", "server_error",
-                                            "internal_error"), status=500,
-                                 headers={"x-request-id": record.request_id})
+        return web.json_response(
+            error_body("The proxy failed to handle the request.", "server_error", "internal_error"),
+            status=500,
+            headers={"x-request-id": record.request_id},
+        )
 
 
 def _finish(request: web.Request, record: Record) -> None:
@@ -70,6 +73,5 @@ def _finish(request: web.Request, record: Record) -> None:
     if record.status == 0:
         record.status = 499  # the client went away before an answer
     metrics = request.app[METRICS]
-    metrics.requests.labels(record.tenant or "-", record.route or "-", record.decision,
-                            str(record.status)).inc()
+    metrics.requests.labels(record.tenant or "-", record.route or "-", record.decision, str(record.status)).inc()
     log.info("request", path=request.path, **record.fields())

@@ -43,15 +43,29 @@ async def models(request: web.Request) -> web.StreamResponse:
     name = request.app[SETTINGS].server.models_upstream
     if name is None:
         route = policy.resolve(CHAT_PATH, None)
-        name = route.upstream if route is not None else next(iter(request.app[UPSTREAMS]))
+        upstreams = request.app[UPSTREAMS]
+        name = route.upstream if route is not None else next(iter(upstreams))
     upstream = request.app[UPSTREAMS][name]
     record.upstream = name
-    out = Outgoing(path="/models", body=b"", payload=None, stream=False, client_headers=request.headers,
-                   client_key=bearer_key(request), request_id=record.request_id, method="GET")
+    out = Outgoing(
+        path="/models",
+        body=b"",
+        payload=None,
+        stream=False,
+        client_headers=request.headers,
+        client_key=bearer_key(request),
+        request_id=record.request_id,
+        method="GET",
+    )
     async with upstream.open(out) as reply:
         body = await reply.body()
-        return relay_unchanged(reply.status, body, dict(reply.headers),
-                               {"x-request-id": record.request_id, "x-guardrail-policy": policy.tag}, "allow")
+        return relay_unchanged(
+            reply.status,
+            body,
+            dict(reply.headers),
+            {"x-request-id": record.request_id, "x-guardrail-policy": policy.tag},
+            "allow",
+        )
 
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
@@ -70,15 +84,23 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         model = payload.get("model") if isinstance(payload, dict) else None
     route = policy.resolve(request.path, model if isinstance(model, str) else None)
     if route is None or not route.passthrough:
-        raise NotFound(f"Unknown path {request.path}: this proxy screens /v1/chat/completions and forwards "
-                       "other paths only where the policy allows passthrough.")
+        raise NotFound(
+            f"Unknown path {request.path}: this proxy screens /v1/chat/completions and forwards "
+            "other paths only where the policy allows passthrough."
+        )
     record.route, record.upstream = route.name, route.upstream
     upstream = request.app[UPSTREAMS][route.upstream]
-    out = Outgoing(path=request.path.removeprefix("/v1"), body=raw, payload=None, stream=False,
-                   client_headers=request.headers, client_key=tenant.key, request_id=record.request_id,
-                   method=request.method)
-    headers = {"x-request-id": record.request_id, "x-guardrail-policy": policy.tag,
-               "x-guardrail-decision": "allow"}
+    out = Outgoing(
+        path=request.path.removeprefix("/v1"),
+        body=raw,
+        payload=None,
+        stream=False,
+        client_headers=request.headers,
+        client_key=tenant.key,
+        request_id=record.request_id,
+        method=request.method,
+    )
+    headers = {"x-request-id": record.request_id, "x-guardrail-policy": policy.tag, "x-guardrail-decision": "allow"}
     async with upstream.open(out) as reply:
         response = web.StreamResponse(status=reply.status, headers=headers)
         response.content_type = reply.headers.get("content-type", "application/octet-stream").split(";")[0]

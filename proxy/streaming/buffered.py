@@ -126,20 +126,46 @@ def replay(held: HeldStream, blocked: set[int], refusal: str) -> list[bytes]:
 
 
 def refusal_events(held: HeldStream, indexes: set[int], refusal: str) -> list[bytes]:
-    base = {"id": held.id or "chatcmpl-guardrail", "object": "chat.completion.chunk",
-            "created": held.created or 0, "model": held.model or ""}
+    base = {
+        "id": held.id or "chatcmpl-guardrail",
+        "object": "chat.completion.chunk",
+        "created": held.created or 0,
+        "model": held.model or "",
+    }
     return refusal_chunks(base, sorted(indexes), refusal)
 
 
 def refusal_chunks(base: dict[str, Any], indexes: list[int], refusal: str) -> list[bytes]:
     out = []
     for i in indexes:
-        out.append(encode({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None, "finish_reason": None}]}))
-        out.append(encode({**base, "choices": [{"index": i, "delta": {"content": refusal},
-                                                 "logprobs": None, "finish_reason": None}]}))
-        out.append(encode({**base, "choices": [{"index": i, "delta": {}, "logprobs": None,
-                                                 "finish_reason": "content_filter"}]}))
+        out.append(
+            encode(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+            )
+        )
+        out.append(
+            encode(
+                {
+                    **base,
+                    "choices": [{"index": i, "delta": {"content": refusal}, "logprobs": None, "finish_reason": None}],
+                }
+            )
+        )
+        out.append(
+            encode(
+                {**base, "choices": [{"index": i, "delta": {}, "logprobs": None, "finish_reason": "content_filter"}]}
+            )
+        )
     return out
 
 

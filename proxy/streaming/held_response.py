@@ -13,8 +13,11 @@ from aiohttp import web
 from proxy.errors import ProxyError
 from proxy.streaming.sse import DONE, KEEPALIVE, encode
 
-SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-               "X-Accel-Buffering": "no"}
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
 
 
 class HeldResponse:
@@ -34,8 +37,9 @@ class HeldResponse:
         self._task = asyncio.create_task(self._keepalive())
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.stop_keepalive()
 
     async def _prepare(self, decision: str) -> web.StreamResponse:

@@ -54,7 +54,7 @@ async def read_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[Event]:
             if cut is None:
                 break
             end, size = cut
-            raw, buffer = buffer[:end + size], buffer[end + size:]
+            raw, buffer = buffer[: end + size], buffer[end + size :]
             if raw.strip():
                 yield _parse(raw)
     if buffer.strip():

@@ -20,19 +20,41 @@ from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.settings import UpstreamSettings
 
 # Headers that describe one hop or that the proxy sets itself; never copied across.
-HOP_HEADERS = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "transfer-encoding", "upgrade", "host", "content-length", "content-encoding", "authorization",
-    "api-key", "x-api-key", "cookie", "set-cookie",
-})
-RELAYED_RESPONSE_HEADERS = ("content-type", "openai-processing-ms", "openai-version", "x-ratelimit-limit-requests",
-                            "x-ratelimit-remaining-requests", "x-ratelimit-limit-tokens",
-                            "x-ratelimit-remaining-tokens", "retry-after")
+HOP_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "content-encoding",
+        "authorization",
+        "api-key",
+        "x-api-key",
+        "cookie",
+        "set-cookie",
+    }
+)
+RELAYED_RESPONSE_HEADERS = (
+    "content-type",
+    "openai-processing-ms",
+    "openai-version",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "retry-after",
+)
 
 
 @dataclass
 class Outgoing:
-    path: str                 # e.g. "/chat/completions" (relative to the upstream base_url)
+    path: str  # e.g. "/chat/completions" (relative to the upstream base_url)
     body: bytes
     payload: Mapping[str, Any] | None
     stream: bool
@@ -62,7 +84,7 @@ class _AiohttpReply:
         self._resp = resp
         self._name = name
         self.status = resp.status
-        self.headers = {k.lower(): v for k, v in resp.headers.items() if k.lower() in RELAYED_RESPONSE_HEADERS}
+        self.headers: Mapping[str, str] = {k.lower(): v for k, v in resp.headers.items() if k.lower() in RELAYED_RESPONSE_HEADERS}
 
     async def body(self) -> bytes:
         try:
@@ -89,12 +111,16 @@ class OpenAIUpstream:
         self.session = session
         self.base_url = settings.base_url.rstrip("/")
         self._key = settings.key()
-        self._timeout = aiohttp.ClientTimeout(total=settings.total_timeout_s, connect=settings.connect_timeout_s,
-                                              sock_read=settings.read_timeout_s)
+        self._timeout = aiohttp.ClientTimeout(
+            total=settings.total_timeout_s, connect=settings.connect_timeout_s, sock_read=settings.read_timeout_s
+        )
 
     def _headers(self, out: Outgoing) -> dict[str, str]:
-        headers = {k: v for k, v in out.client_headers.items() if k.lower() not in HOP_HEADERS
-                   and not k.lower().startswith("x-guardrail")}
+        headers = {
+            k: v
+            for k, v in out.client_headers.items()
+            if k.lower() not in HOP_HEADERS and not k.lower().startswith("x-guardrail")
+        }
         headers.update(self.settings.headers)
         headers["Content-Type"] = "application/json"
         headers["X-Request-ID"] = out.request_id
@@ -107,8 +133,13 @@ class OpenAIUpstream:
     async def open(self, out: Outgoing) -> AsyncIterator[Reply]:
         url = self.base_url + out.path
         try:
-            resp = await self.session.request(out.method, url, data=out.body if out.method != "GET" else None,
-                                              headers=self._headers(out), timeout=self._timeout)
+            resp = await self.session.request(
+                out.method,
+                url,
+                data=out.body if out.method != "GET" else None,
+                headers=self._headers(out),
+                timeout=self._timeout,
+            )
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(f"upstream {self.name} did not answer in time") from exc
         except aiohttp.ClientError as exc:

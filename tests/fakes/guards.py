@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from proxy.guards.guard import (ConversationScore, GuardError, ScreenText, Taxonomy, TextScore, Turn)
+from proxy.guards.guard import ConversationScore, GuardError, ScreenText, Taxonomy, TextScore, Turn
 
 
 @dataclass
@@ -19,8 +19,7 @@ class ScriptedTextGuard:
 
     async def score_texts(self, texts: list[ScreenText]) -> list[TextScore]:
         self.calls.append(list(texts))
-        return [TextScore(self.hit if any(t in s.text.lower() for t in self.triggers) else self.miss)
-                for s in texts]
+        return [TextScore(self.hit if any(t in s.text.lower() for t in self.triggers) else self.miss) for s in texts]
 
 
 @dataclass
@@ -33,8 +32,9 @@ class ScriptedConversationGuard:
     miss: float = 0.02
     calls: list[tuple[list[Turn], Taxonomy]] = field(default_factory=list)
 
-    async def score_conversation(self, turns: list[Turn], taxonomy: Taxonomy, *,
-                                 categories_from: float = 0.5) -> ConversationScore:
+    async def score_conversation(
+        self, turns: list[Turn], taxonomy: Taxonomy, *, categories_from: float = 0.5
+    ) -> ConversationScore:
         self.calls.append((list(turns), taxonomy))
         text = " ".join(t.text.lower() for t in turns)
         codes = tuple(dict.fromkeys(code for word, code in self.triggers.items() if word in text))
@@ -50,8 +50,9 @@ class FailingGuard:
     error: str = "model crashed"
     delay_s: float = 0.0
 
-    async def score_conversation(self, turns: list[Turn], taxonomy: Taxonomy, *,
-                                 categories_from: float = 0.5) -> ConversationScore:
+    async def score_conversation(
+        self, turns: list[Turn], taxonomy: Taxonomy, *, categories_from: float = 0.5
+    ) -> ConversationScore:
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         raise GuardError(self.error)

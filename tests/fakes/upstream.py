@@ -27,14 +27,17 @@ class Received:
 @dataclass
 class FakeUpstream:
     replies: list[str] = field(default_factory=lambda: ["Hello! How can I help you today?"])
-    tool_call: dict[str, str] | None = None      # {"name": ..., "arguments": ...} when the request has tools
+    tool_call: dict[str, str] | None = None  # {"name": ..., "arguments": ...} when the request has tools
     mode: str = "ok"
     delay_s: float = 0.0
     error_status: int = 500
-    error_body: bytes = b'{"error": {"message": "upstream exploded", "type": "server_error", "param": null, "code": null}}'
+    error_body: bytes = (
+        b'{"error": {"message": "upstream exploded", "type": "server_error", "param": null, "code": null}}'
+    )
     received: list[Received] = field(default_factory=list)
     sent: bytearray = field(default_factory=bytearray)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+    got_chat: asyncio.Event = field(default_factory=asyncio.Event)
     url: str = ""
     _runner: web.AppRunner | None = None
 
@@ -66,23 +69,30 @@ class FakeUpstream:
 
     async def _models(self, request: web.Request) -> web.Response:
         await self._record(request)
-        return web.json_response({"object": "list", "data": [{"id": "gpt-fake", "object": "model",
-                                                                "created": 0, "owned_by": "fake"}]})
+        return web.json_response(
+            {"object": "list", "data": [{"id": "gpt-fake", "object": "model", "created": 0, "owned_by": "fake"}]}
+        )
 
     async def _embeddings(self, request: web.Request) -> web.Response:
         await self._record(request)
-        return web.json_response({"object": "list", "model": "emb", "usage": {"prompt_tokens": 1, "total_tokens": 1},
-                                  "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}]})
+        return web.json_response(
+            {
+                "object": "list",
+                "model": "emb",
+                "usage": {"prompt_tokens": 1, "total_tokens": 1},
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+            }
+        )
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         rec = await self._record(request)
+        self.got_chat.set()
         body = rec.json
         try:
             if self.mode == "slow":
                 await asyncio.sleep(self.delay_s)
             if self.mode == "status":
-                return web.Response(status=self.error_status, body=self.error_body,
-                                    content_type="application/json")
+                return web.Response(status=self.error_status, body=self.error_body, content_type="application/json")
             if body.get("stream"):
                 return await self._stream(request, body)
             payload = json.dumps(self.completion(body)).encode()
@@ -102,23 +112,40 @@ class FakeUpstream:
             message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
             finish = "stop"
             if body.get("tools") and self.tool_call:
-                message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [
-                    {"id": f"call_{i}", "type": "function", "function": dict(self.tool_call)}]}
+                message = {
+                    "role": "assistant",
+                    "content": None,
+                    "refusal": None,
+                    "tool_calls": [{"id": f"call_{i}", "type": "function", "function": dict(self.tool_call)}],
+                }
                 finish = "tool_calls"
             choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": finish, "logprobs": None}
             if body.get("logprobs"):
-                choice["logprobs"] = {"content": [{"token": "Hello", "logprob": -0.1, "bytes": [72],
-                                                   "top_logprobs": []}], "refusal": None}
+                choice["logprobs"] = {
+                    "content": [{"token": "Hello", "logprob": -0.1, "bytes": [72], "top_logprobs": []}],
+                    "refusal": None,
+                }
             choices.append(choice)
-        return {"id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000,
-                "model": body.get("model"), "system_fingerprint": "fp_fake", "choices": choices,
-                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
-                "vendor_extra": {"kept": True}}
+        return {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": 1700000000,
+            "model": body.get("model"),
+            "system_fingerprint": "fp_fake",
+            "choices": choices,
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+            "vendor_extra": {"kept": True},
+        }
 
     def chunks(self, body: dict[str, Any]) -> list[bytes]:
         n = body.get("n") or 1
-        base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000,
-                "model": body.get("model"), "system_fingerprint": "fp_fake"}
+        base = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": body.get("model"),
+            "system_fingerprint": "fp_fake",
+        }
         out = []
 
         def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
@@ -127,13 +154,39 @@ class FakeUpstream:
         for i, text in enumerate(self._texts(n)):
             out.append(event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]))
             if body.get("tools") and self.tool_call:
-                out.append(event([{"index": i, "delta": {"tool_calls": [{"index": 0, "id": f"call_{i}",
-                    "type": "function", "function": {"name": self.tool_call["name"], "arguments": ""}}]},
-                    "finish_reason": None}]))
+                out.append(
+                    event(
+                        [
+                            {
+                                "index": i,
+                                "delta": {
+                                    "tool_calls": [
+                                        {
+                                            "index": 0,
+                                            "id": f"call_{i}",
+                                            "type": "function",
+                                            "function": {"name": self.tool_call["name"], "arguments": ""},
+                                        }
+                                    ]
+                                },
+                                "finish_reason": None,
+                            }
+                        ]
+                    )
+                )
                 args = self.tool_call["arguments"]
                 for k in range(0, len(args), 7):
-                    out.append(event([{"index": i, "delta": {"tool_calls": [{"index": 0, "function": {
-                        "arguments": args[k:k + 7]}}]}, "finish_reason": None}]))
+                    out.append(
+                        event(
+                            [
+                                {
+                                    "index": i,
+                                    "delta": {"tool_calls": [{"index": 0, "function": {"arguments": args[k : k + 7]}}]},
+                                    "finish_reason": None,
+                                }
+                            ]
+                        )
+                    )
                 out.append(event([{"index": i, "delta": {}, "finish_reason": "tool_calls"}]))
                 continue
             for word in text.split(" "):
