@@ -85,9 +85,15 @@ async def test_output_block_stream_sends_no_upstream_content(start_proxy: Any) -
     assert body.endswith(b"data: [DONE]\n\n")
 
 
-async def test_output_block_stream_error_mode_is_error_event(start_proxy: Any) -> None:
+async def test_output_block_stream_error_mode(start_proxy: Any) -> None:
+    """Decided before any keep-alive: a plain 400. After keep-alives: a final error event."""
     async with start_proxy(policies={"default": ERROR_POLICY}) as proxy:
         proxy.upstream.replies = ["the bomb goes here"]
+        with pytest.raises(openai.BadRequestError):
+            await proxy.client().chat.completions.create(model="gpt-fake", messages=GOOD, stream=True)
+    async with start_proxy(policies={"default": ERROR_POLICY}, server={"keepalive_interval_s": 0.01}) as proxy:
+        proxy.upstream.replies = ["the bomb goes here"]
+        proxy.upstream.mode, proxy.upstream.delay_s = "trickle", 0.03
         stream = await proxy.client().chat.completions.create(model="gpt-fake", messages=GOOD, stream=True)
         with pytest.raises(openai.APIError, match="blocked by the content policy"):
             [c async for c in stream]
