@@ -74,7 +74,7 @@ def _lifecycle(guards_injected: bool, upstreams_injected: bool):  # type: ignore
             from proxy.guards.loading import GuardSet
 
             guard_set = GuardSet(settings)
-            runners = guard_set.runners
+            runners = guard_set.runner_list
             for runner in runners:
                 app[METRICS].queue_depth.labels(runner.device).set_function(lambda r=runner: r.queue_depth)
             loader = asyncio.create_task(_load(app, guard_set))

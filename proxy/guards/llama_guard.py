@@ -1,0 +1,185 @@
+"""Llama Guard (1, 2, 3-1B, 3-8B, 4) on transformers, in process.
+
+The score is P(unsafe) at the first content token: the prompt ends with the family's blank-line
+token, one forward pass reads the last position's logits (float32 softmax). Both the full-vocabulary
+value and the safe/unsafe-renormalised value are returned; their mass (P(safe)+P(unsafe)) below
+`min_mass` means the prompt is wrong, which is an error, not a verdict. Categories come from a short
+greedy continuation after a forced `unsafe` token, only for conversations scoring at or above
+`categories_from`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.guards.guard import ConversationScore, GuardError, Taxonomy, Turn
+from proxy.guards.hub import explain, load_kwargs, pick_dtype, quiet_transformers
+from proxy.guards.llama_guard_prompt import FAMILIES, Family, Special, Text, build, merge_text
+from proxy.guards.runner import GuardRunner
+from proxy.settings import GuardSettings
+
+CODE = re.compile(r"\b([A-Z]\d{1,3})\b")
+
+
+@dataclass(frozen=True)
+class _Item:
+    turns: tuple[Turn, ...]
+    taxonomy: Taxonomy
+    categories_from: float
+
+
+class _Model:
+    """Tokenizer, model and the family's token ids; used only in the runner's thread."""
+
+    def __init__(self, settings: GuardSettings, family: Family, name: str) -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        quiet_transformers()
+        kwargs = load_kwargs(settings.revision)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(settings.model, **kwargs)
+            config = AutoConfig.from_pretrained(settings.model, **kwargs)
+            dtype = pick_dtype(settings.device, settings.dtype)
+            if "Llama4ForConditionalGeneration" in (getattr(config, "architectures", None) or []):
+                from transformers import AutoModelForImageTextToText
+
+                model = AutoModelForImageTextToText.from_pretrained(settings.model, dtype=dtype, **kwargs)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=dtype, **kwargs)
+        except Exception as exc:
+            raise explain(name, settings.model, exc) from exc
+        self.model = model.to(settings.device).eval()
+        self.device = settings.device
+        self.family = family
+        self.settings = settings
+        self.torch = torch
+        vocab = self.tokenizer.get_vocab()
+        self.safe_ids = self._verdict_ids(vocab, "safe")
+        self.unsafe_ids = self._verdict_ids(vocab, "unsafe")
+        if not self.safe_ids or not self.unsafe_ids:
+            raise GuardError(f"guard {name!r}: the tokenizer has no single token for 'safe'/'unsafe'")
+        self.stop_ids = [vocab[t] for t in family.stop_tokens if t in vocab]
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.stop_ids[0]
+        missing = [t for t in (family.bos, family.header_start, family.header_end, family.eot) if t and t not in vocab]
+        if missing:
+            raise GuardError(f"guard {name!r}: tokenizer lacks {missing}; is family {family.name} right?")
+
+    def _verdict_ids(self, vocab: dict[str, int], word: str) -> list[int]:
+        ids = []
+        for spelling in self.family.verdict_spellings:
+            piece = spelling.format(w=word)
+            if piece in vocab:
+                ids.append(vocab[piece])
+        if not ids:
+            encoded = self.tokenizer.encode(word, add_special_tokens=False)
+            if len(encoded) == 1:
+                ids.append(encoded[0])
+        return sorted(set(ids))
+
+    def encode(self, turns: list[Turn], taxonomy: Taxonomy) -> list[int]:
+        ids: list[int] = []
+        for piece in merge_text(build(self.family, turns, taxonomy)):
+            if isinstance(piece, Special):
+                ids.append(self.tokenizer.convert_tokens_to_ids(piece.token))
+            elif isinstance(piece, Text):
+                # Special-token strings in the text stay plain text: a user cannot forge a turn.
+                ids.extend(self.tokenizer(piece.text, add_special_tokens=False,
+                                          split_special_tokens=True, verbose=False).input_ids)
+        return ids
+
+    def _batch(self, sequences: list[list[int]]) -> tuple[Any, Any, Any]:
+        torch = self.torch
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, seq in enumerate(sequences):       # left padding: the last position is the prompt's end
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return ids.to(self.device), mask.to(self.device), positions.to(self.device)
+
+    def score(self, items: list[_Item]) -> list[ConversationScore | Exception]:
+        torch = self.torch
+        sequences = [self.encode(list(item.turns), item.taxonomy) for item in items]
+        with torch.inference_mode():
+            ids, mask, positions = self._batch(sequences)
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                logits_to_keep=1).logits[:, -1, :].float()
+            probs = torch.softmax(logits, dim=-1)
+            p_unsafe = probs[:, self.unsafe_ids].sum(-1)
+            p_safe = probs[:, self.safe_ids].sum(-1)
+        results: list[ConversationScore | Exception] = []
+        want = []
+        for row, item in enumerate(items):
+            unsafe, safe = float(p_unsafe[row]), float(p_safe[row])
+            mass = unsafe + safe
+            if mass < self.settings.min_mass:
+                results.append(GuardError(f"P(safe)+P(unsafe) is {mass:.3f} < {self.settings.min_mass}: the prompt "
+                                          f"does not match the {self.family.name} format"))
+                continue
+            binary = unsafe / mass if mass > 0 else 0.0
+            results.append(ConversationScore(score=unsafe, score_binary=binary, mass=mass))
+            if max(unsafe, binary) >= item.categories_from:
+                want.append(row)
+        if want:
+            self._add_categories(items, sequences, results, want)
+        return results
+
+    def _add_categories(self, items: list[_Item], sequences: list[list[int]],
+                        results: list[ConversationScore | Exception], rows: list[int]) -> None:
+        torch = self.torch
+        forced = [sequences[r] + [self.unsafe_ids[0]] for r in rows]
+        ids, mask, _ = self._batch(forced)
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.settings.max_new_tokens,
+                                      do_sample=False, eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
+        for k, row in enumerate(rows):
+            text = self.tokenizer.decode(out[k, ids.shape[1]:], skip_special_tokens=True)
+            codes = tuple(dict.fromkeys(CODE.findall(text.split("\n\n")[0])))
+            excluded = items[row].taxonomy.excluded
+            kept = tuple(c for c in codes if c not in excluded)
+            prev = results[row]
+            assert isinstance(prev, ConversationScore)
+            results[row] = ConversationScore(prev.score, prev.score_binary, prev.mass, categories=kept,
+                                             all_excluded=bool(codes) and not kept)
+
+
+class LlamaGuard:
+    """A ConversationGuard backed by a local transformers model, run on a GuardRunner."""
+
+    def __init__(self, name: str, settings: GuardSettings, runner: GuardRunner) -> None:
+        self.name = name
+        self.settings = settings
+        self.family = FAMILIES[settings.family]
+        self.runner = runner
+        self._model: _Model | None = None
+
+    async def load(self) -> None:
+        self._model = await self.runner.call(lambda: _Model(self.settings, self.family, self.name))
+
+    def _run(self, items: list[_Item]) -> list[ConversationScore | Exception]:
+        assert self._model is not None
+        return self._model.score(items)
+
+    async def score_conversation(self, turns: list[Turn], taxonomy: Taxonomy, *,
+                                 categories_from: float = 0.5) -> ConversationScore:
+        if self._model is None:
+            raise GuardError(f"guard {self.name!r} is not loaded")
+        if any(t.images for t in turns) and not self.family.multimodal:
+            turns = [Turn(t.speaker, t.text) for t in turns]
+        if any(t.images for t in turns):
+            raise GuardError(f"guard {self.name!r}: image screening is not supported by the transformers backend yet")
+        item = _Item(tuple(turns), taxonomy, categories_from)
+        (result,) = await self.runner.submit(self._run, [item], key=(id(self), "score"))
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def encode(self, turns: list[Turn], taxonomy: Taxonomy) -> list[int]:
+        """Token ids of the prompt (for tests and the classify command); runner thread or loaded model only."""
+        assert self._model is not None
+        return self._model.encode(turns, taxonomy)
