@@ -117,7 +117,7 @@ class RunnerSettings(Strict):
     max_batch: int = Field(default=16, ge=1)
     max_wait_ms: float = Field(default=2.0, ge=0)
     max_queue: int = Field(default=256, ge=1)
-    threads: int = Field(default=0, ge=0, description="torch intra-op threads per worker; 0 = torch default")
+    threads: int = Field(default=0, ge=0, description="torch intra-op threads per worker; 0 = all cores but one on cpu")
 
 
 class Settings(Strict):

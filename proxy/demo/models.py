@@ -22,12 +22,34 @@ from typing import Any
 
 from proxy.demo.corpus import LG_TRIGGERS, PG_TRIGGERS, injection_sentences, sentences, stdlib_lines
 
-LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                  "<|eot_id|>", "<|finetune_right_pad_id|>", "<|python_tag|>", "<|eom_id|>", "<|image|>"]
-LLAMA4_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|header_start|>", "<|header_end|>", "<|eot|>",
-                  "<|eom|>", "<|finetune_right_pad|>", "<|image|>", "<|image_start|>", "<|image_end|>", "<|patch|>"]
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIAL = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|finetune_right_pad_id|>",
+    "<|python_tag|>",
+    "<|eom_id|>",
+    "<|image|>",
+]
+LLAMA4_SPECIAL = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|header_start|>",
+    "<|header_end|>",
+    "<|eot|>",
+    "<|eom|>",
+    "<|finetune_right_pad|>",
+    "<|image|>",
+    "<|image_start|>",
+    "<|image_end|>",
+    "<|patch|>",
+]
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def _logit(p: float) -> float:
@@ -40,19 +62,31 @@ def build_llama_tokenizer(out: Path, *, llama4: bool = False) -> Any:
 
     special = LLAMA4_SPECIAL if llama4 else LLAMA3_SPECIAL
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=special, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000,
+        special_tokens=special,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(sentences(), trainer=trainer)
     eot = "<|eot|>" if llama4 else "<|eot_id|>"
     pad = "<|finetune_right_pad|>" if llama4 else "<|finetune_right_pad_id|>"
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token=eot,
-                                   pad_token=pad, padding_side="left", model_max_length=131072,
-                                   clean_up_tokenization_spaces=False)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|begin_of_text|>",
+        eos_token=eot,
+        pad_token=pad,
+        padding_side="left",
+        model_max_length=131072,
+        clean_up_tokenization_spaces=False,
+    )
     fast.save_pretrained(out)
     return fast
 
@@ -61,8 +95,16 @@ def _trigger_ids(tok: Any, words: tuple[str, ...], marker: str) -> list[int]:
     return sorted(i for t, i in tok.get_vocab().items() if t.lstrip(marker).lower() in words)
 
 
-def build_llama_guard(out: Path, *, llama4: bool = False, p_on: float = 0.999, p_off: float = 0.001,
-                      words: tuple[str, ...] = LG_TRIGGERS, seed: int = 0, wrong_format: bool = False) -> Path:
+def build_llama_guard(
+    out: Path,
+    *,
+    llama4: bool = False,
+    p_on: float = 0.999,
+    p_off: float = 0.001,
+    words: tuple[str, ...] = LG_TRIGGERS,
+    seed: int = 0,
+    wrong_format: bool = False,
+) -> Path:
     """Write a tiny Llama Guard-style model (tokenizer + weights) to `out`. `wrong_format` makes a
     model that expects another prompt ending: after the blank line it predicts a newline, not a
     verdict (what a real model does when fed a prompt in the wrong format)."""
@@ -73,26 +115,51 @@ def build_llama_guard(out: Path, *, llama4: bool = False, p_on: float = 0.999, p
     tok = build_llama_tokenizer(out, llama4=llama4)
     eot = "<|eot|>" if llama4 else "<|eot_id|>"
     eos = [tok.convert_tokens_to_ids("<|end_of_text|>"), tok.convert_tokens_to_ids(eot)]
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=131072,
-                      rms_norm_eps=1e-5, rope_theta=500000.0,
-                      rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                                    "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=eos,
-                      pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={
+            "factor": 32.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=eos,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         _set_llama_weights(model, tok, cfg, words, p_on, p_off, eot, wrong_format)
-    model.generation_config = GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=eos,
-                                               pad_token_id=cfg.pad_token_id, do_sample=False)
+    model.generation_config = GenerationConfig(
+        bos_token_id=cfg.bos_token_id, eos_token_id=eos, pad_token_id=cfg.pad_token_id, do_sample=False
+    )
     model.save_pretrained(out)
     (out / "guardrail_demo.json").write_text(json.dumps({"triggers": list(words), "p_on": p_on, "p_off": p_off}))
     return out
 
 
-def _set_llama_weights(model: Any, tok: Any, cfg: Any, words: tuple[str, ...], p_on: float, p_off: float,
-                       eot: str, wrong_format: bool = False) -> None:
+def _set_llama_weights(
+    model: Any,
+    tok: Any,
+    cfg: Any,
+    words: tuple[str, ...],
+    p_on: float,
+    p_off: float,
+    eot: str,
+    wrong_format: bool = False,
+) -> None:
     import torch
 
     hidden, head_dim, vocab = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
@@ -114,7 +181,7 @@ def _set_llama_weights(model: Any, tok: Any, cfg: Any, words: tuple[str, ...], p
         for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, layer.mlp.down_proj):
             proj.weight.zero_()
         if i == 0:
-            r = head_dim // 2 - 1                      # the lowest-frequency rotary pair: position-blind
+            r = head_dim // 2 - 1  # the lowest-frequency rotary pair: position-blind
             attn.q_proj.weight[r, const] = 1.5
             attn.k_proj.weight[r, flag] = 1.5
             attn.v_proj.weight[0, flag] = 1.0
@@ -135,7 +202,7 @@ def _set_llama_weights(model: Any, tok: Any, cfg: Any, words: tuple[str, ...], p
     beta = float(-_logit(p_off) / c0)
     alpha = float((_logit(p_on) + beta * c1) / a1)
     head = torch.zeros(vocab, hidden)
-    head[:, const] = -20.0                             # every other token stays out of the race
+    head[:, const] = -20.0  # every other token stays out of the race
     unsafe, safe = tok.convert_tokens_to_ids("unsafe"), tok.convert_tokens_to_ids("safe")
     head[unsafe] = 0.0
     head[unsafe, acc] = alpha
@@ -157,19 +224,50 @@ def build_prompt_guard_tokenizer(out: Path, vocab_size: int = 2000) -> Any:
     buf = io.BytesIO()
     text = stdlib_lines() + sentences() + injection_sentences() * 5
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text), model_writer=buf, vocab_size=vocab_size, model_type="unigram",
-        pad_id=0, bos_id=1, eos_id=2, unk_id=3, pad_piece="[PAD]", bos_piece="[CLS]", eos_piece="[SEP]",
-        unk_piece="[UNK]", user_defined_symbols=["[MASK]"], minloglevel=2)
+        sentence_iterator=iter(text),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=3,
+        pad_piece="[PAD]",
+        bos_piece="[CLS]",
+        eos_piece="[SEP]",
+        unk_piece="[UNK]",
+        user_defined_symbols=["[MASK]"],
+        minloglevel=2,
+    )
     (out / "spm.model").write_bytes(buf.getvalue())
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "DebertaV2Tokenizer", "do_lower_case": False, "model_max_length": 512,
-        "bos_token": "[CLS]", "eos_token": "[SEP]", "unk_token": "[UNK]", "sep_token": "[SEP]",
-        "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "DebertaV2Tokenizer",
+                "do_lower_case": False,
+                "model_max_length": 512,
+                "bos_token": "[CLS]",
+                "eos_token": "[SEP]",
+                "unk_token": "[UNK]",
+                "sep_token": "[SEP]",
+                "pad_token": "[PAD]",
+                "cls_token": "[CLS]",
+                "mask_token": "[MASK]",
+            }
+        )
+    )
     return AutoTokenizer.from_pretrained(out, local_files_only=True)
 
 
-def build_prompt_guard(out: Path, *, p_on: float = 0.999, p_off: float = 0.001,
-                       words: tuple[str, ...] = PG_TRIGGERS, seed: int = 0, labels: int = 2) -> Path:
+def build_prompt_guard(
+    out: Path,
+    *,
+    p_on: float = 0.999,
+    p_off: float = 0.001,
+    words: tuple[str, ...] = PG_TRIGGERS,
+    seed: int = 0,
+    labels: int = 2,
+) -> Path:
     """Write a tiny Prompt Guard-style classifier; with `labels=3`, a Prompt Guard 1-style one whose
     trigger raises JAILBREAK (class 2)."""
     import torch
@@ -178,12 +276,28 @@ def build_prompt_guard(out: Path, *, p_on: float = 0.999, p_off: float = 0.001,
     tok = build_prompt_guard_tokenizer(out)
     names = ["BENIGN", "MALICIOUS"] if labels == 2 else ["BENIGN", "INJECTION", "JAILBREAK"]
     cfg = DebertaV2Config(
-        vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        hidden_act="gelu", max_position_embeddings=512, type_vocab_size=0, layer_norm_eps=1e-7,
-        relative_attention=True, max_relative_positions=-1, position_buckets=256, norm_rel_ebd="layer_norm",
-        share_att_key=True, pos_att_type=["p2c", "c2p"], position_biased_input=False,
-        pad_token_id=tok.pad_token_id, num_labels=labels, id2label=dict(enumerate(names)),
-        label2id={n: i for i, n in enumerate(names)}, architectures=["DebertaV2ForSequenceClassification"])
+        vocab_size=len(tok),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        hidden_act="gelu",
+        max_position_embeddings=512,
+        type_vocab_size=0,
+        layer_norm_eps=1e-7,
+        relative_attention=True,
+        max_relative_positions=-1,
+        position_buckets=256,
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+        pos_att_type=["p2c", "c2p"],
+        position_biased_input=False,
+        pad_token_id=tok.pad_token_id,
+        num_labels=labels,
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
+        architectures=["DebertaV2ForSequenceClassification"],
+    )
     torch.manual_seed(seed)
     model = DebertaV2ForSequenceClassification(cfg).eval()
     with torch.no_grad():
@@ -193,12 +307,11 @@ def build_prompt_guard(out: Path, *, p_on: float = 0.999, p_off: float = 0.001,
     return out
 
 
-def _set_deberta_weights(model: Any, tok: Any, cfg: Any, words: tuple[str, ...], p_on: float,
-                         p_off: float) -> None:
+def _set_deberta_weights(model: Any, tok: Any, cfg: Any, words: tuple[str, ...], p_on: float, p_off: float) -> None:
     import torch
 
     hidden = cfg.hidden_size
-    flag, nflag, const, nconst, acc, nacc, n0 = 0, 1, 2, 3, 4, 5, 6   # +/- pairs keep rows zero-mean
+    flag, nflag, const, nconst, acc, nacc, n0 = 0, 1, 2, 3, 4, 5, 6  # +/- pairs keep rows zero-mean
     noise = torch.randn(cfg.vocab_size, hidden - n0)
     noise = noise - noise.mean(-1, keepdim=True)
     emb = torch.zeros(cfg.vocab_size, hidden)
@@ -225,7 +338,7 @@ def _set_deberta_weights(model: Any, tok: Any, cfg: Any, words: tuple[str, ...],
     model.pooler.dense.weight[0, acc] = 1.0
     model.classifier.weight.zero_()
     model.classifier.bias.zero_()
-    target = cfg.num_labels - 1                    # MALICIOUS (PG2) or JAILBREAK (PG1)
+    target = cfg.num_labels - 1  # MALICIOUS (PG2) or JAILBREAK (PG1)
     model.classifier.weight[target, 0] = 1.0
     ids = torch.tensor([[tok.cls_token_id, triggers[0], tok.sep_token_id]])
     pooled = model.pooler(deberta(ids).last_hidden_state)[0, 0].item()

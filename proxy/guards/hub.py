@@ -29,16 +29,25 @@ def explain(name: str, model: str, exc: BaseException) -> GuardError:
     elif "gated" in low or "401" in low or "403" in low or "restricted" in low:
         cause = "the model is gated"
         fix = f"accept Meta's licence on https://huggingface.co/{model} and set HF_TOKEN"
-    elif "offline" in low or "connection" in low or "resolve" in low or "cannot find the requested files" in low \
-            or "couldn't connect" in low or "max retries" in low or "network" in low or "local_files_only" in low:
+    elif (
+        "offline" in low
+        or "connection" in low
+        or "resolve" in low
+        or "cannot find the requested files" in low
+        or "couldn't connect" in low
+        or "max retries" in low
+        or "network" in low
+        or "local_files_only" in low
+    ):
         cause = "the Hugging Face hub is unreachable and the model is not in the cache (HF_HOME)"
         fix = "download it where the hub is reachable and set HF_HOME to that cache, or set model: to a local directory"
     elif "not a valid model identifier" in low or "404" in low or "repository not found" in low:
         cause, fix = "no such model on the hub", "check the model id and revision"
     else:
         cause, fix = "loading failed", "see the error above"
-    return GuardError(f"guard {name!r} could not load model {model!r}: {cause} ({text.splitlines()[0][:300]}). "
-                      f"Fix: {fix}.")
+    return GuardError(
+        f"guard {name!r} could not load model {model!r}: {cause} ({text.splitlines()[0][:300]}). Fix: {fix}."
+    )
 
 
 def pick_dtype(device: str, dtype: str) -> Any:

@@ -87,8 +87,11 @@ class _Model:
                 ids.append(self.tokenizer.convert_tokens_to_ids(piece.token))
             elif isinstance(piece, Text):
                 # Special-token strings in the text stay plain text: a user cannot forge a turn.
-                ids.extend(self.tokenizer(piece.text, add_special_tokens=False,
-                                          split_special_tokens=True, verbose=False).input_ids)
+                ids.extend(
+                    self.tokenizer(
+                        piece.text, add_special_tokens=False, split_special_tokens=True, verbose=False
+                    ).input_ids
+                )
         return ids
 
     def _batch(self, sequences: list[list[int]]) -> tuple[Any, Any, Any]:
@@ -96,9 +99,9 @@ class _Model:
         width = max(len(s) for s in sequences)
         ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, seq in enumerate(sequences):       # left padding: the last position is the prompt's end
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
+        for row, seq in enumerate(sequences):  # left padding: the last position is the prompt's end
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return ids.to(self.device), mask.to(self.device), positions.to(self.device)
 
@@ -107,8 +110,11 @@ class _Model:
         sequences = [self.encode(list(item.turns), item.taxonomy) for item in items]
         with torch.inference_mode():
             ids, mask, positions = self._batch(sequences)
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                logits_to_keep=1).logits[:, -1, :].float()
+            logits = (
+                self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+                .logits[:, -1, :]
+                .float()
+            )
             probs = torch.softmax(logits, dim=-1)
             p_unsafe = probs[:, self.unsafe_ids].sum(-1)
             p_safe = probs[:, self.safe_ids].sum(-1)
@@ -118,8 +124,12 @@ class _Model:
             unsafe, safe = float(p_unsafe[row]), float(p_safe[row])
             mass = unsafe + safe
             if mass < self.settings.min_mass:
-                results.append(GuardError(f"P(safe)+P(unsafe) is {mass:.3f} < {self.settings.min_mass}: the prompt "
-                                          f"does not match the {self.family.name} format"))
+                results.append(
+                    GuardError(
+                        f"P(safe)+P(unsafe) is {mass:.3f} < {self.settings.min_mass}: the prompt "
+                        f"does not match the {self.family.name} format"
+                    )
+                )
                 continue
             binary = unsafe / mass if mass > 0 else 0.0
             results.append(ConversationScore(score=unsafe, score_binary=binary, mass=mass))
@@ -129,23 +139,35 @@ class _Model:
             self._add_categories(items, sequences, results, want)
         return results
 
-    def _add_categories(self, items: list[_Item], sequences: list[list[int]],
-                        results: list[ConversationScore | Exception], rows: list[int]) -> None:
+    def _add_categories(
+        self,
+        items: list[_Item],
+        sequences: list[list[int]],
+        results: list[ConversationScore | Exception],
+        rows: list[int],
+    ) -> None:
         torch = self.torch
         forced = [sequences[r] + [self.unsafe_ids[0]] for r in rows]
         ids, mask, _ = self._batch(forced)
         with torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.settings.max_new_tokens,
-                                      do_sample=False, eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=self.settings.max_new_tokens,
+                do_sample=False,
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.pad_id,
+            )
         for k, row in enumerate(rows):
-            text = self.tokenizer.decode(out[k, ids.shape[1]:], skip_special_tokens=True)
+            text = self.tokenizer.decode(out[k, ids.shape[1] :], skip_special_tokens=True)
             codes = tuple(dict.fromkeys(CODE.findall(text.split("\n\n")[0])))
             excluded = items[row].taxonomy.excluded
             kept = tuple(c for c in codes if c not in excluded)
             prev = results[row]
             assert isinstance(prev, ConversationScore)
-            results[row] = ConversationScore(prev.score, prev.score_binary, prev.mass, categories=kept,
-                                             all_excluded=bool(codes) and not kept)
+            results[row] = ConversationScore(
+                prev.score, prev.score_binary, prev.mass, categories=kept, all_excluded=bool(codes) and not kept
+            )
 
 
 class LlamaGuard:
@@ -165,8 +187,9 @@ class LlamaGuard:
         assert self._model is not None
         return self._model.score(items)
 
-    async def score_conversation(self, turns: list[Turn], taxonomy: Taxonomy, *,
-                                 categories_from: float = 0.5) -> ConversationScore:
+    async def score_conversation(
+        self, turns: list[Turn], taxonomy: Taxonomy, *, categories_from: float = 0.5
+    ) -> ConversationScore:
         if self._model is None:
             raise GuardError(f"guard {self.name!r} is not loaded")
         if any(t.images for t in turns) and not self.family.multimodal:

@@ -27,19 +27,23 @@ class Text:
 
 Piece = Special | Text
 
-INSTRUCTION_LAST = ("Provide your safety assessment for ONLY THE LAST {role} message in the above conversation:\n"
-                    " - First line must read 'safe' or 'unsafe'.\n"
-                    " - If unsafe, a second line must include a comma-separated list of violated categories.")
-INSTRUCTION_LG1 = ("Provide your safety assessment for {role} in the above conversation:\n"
-                   " - First line must read 'safe' or 'unsafe'.\n"
-                   " - If unsafe, a second line must include a comma-separated list of violated categories.")
+INSTRUCTION_LAST = (
+    "Provide your safety assessment for ONLY THE LAST {role} message in the above conversation:\n"
+    " - First line must read 'safe' or 'unsafe'.\n"
+    " - If unsafe, a second line must include a comma-separated list of violated categories."
+)
+INSTRUCTION_LG1 = (
+    "Provide your safety assessment for {role} in the above conversation:\n"
+    " - First line must read 'safe' or 'unsafe'.\n"
+    " - If unsafe, a second line must include a comma-separated list of violated categories."
+)
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
     bos: str
-    inst: bool                      # Llama 2 [INST] wrapping (LG1/LG2) instead of chat headers
+    inst: bool  # Llama 2 [INST] wrapping (LG1/LG2) instead of chat headers
     header_start: str = ""
     header_end: str = ""
     eot: str = ""
@@ -49,7 +53,7 @@ class Family:
     turn_end: str = "\n\n"
     conversation_close: str = ""
     tail: str = "\n\n"
-    name_suffix: str = ""           # LG1/LG2 category lines end with ". " (a space after the name)
+    name_suffix: str = ""  # LG1/LG2 category lines end with ". " (a space after the name)
     instruction: str = INSTRUCTION_LAST
     defaults: tuple[Category, ...] = LG3_CATEGORIES
     image_defaults_drop: tuple[str, ...] = ()
@@ -60,24 +64,62 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "llama-guard-1": Family(
-        "llama-guard-1", bos="<s>", inst=True, tail="", name_suffix=" ", instruction=INSTRUCTION_LG1,
-        defaults=LG1_CATEGORIES, verdict_spellings=("{w}", "▁{w}"), stop_tokens=("</s>",)),
+        "llama-guard-1",
+        bos="<s>",
+        inst=True,
+        tail="",
+        name_suffix=" ",
+        instruction=INSTRUCTION_LG1,
+        defaults=LG1_CATEGORIES,
+        verdict_spellings=("{w}", "▁{w}"),
+        stop_tokens=("</s>",),
+    ),
     "llama-guard-2": Family(
-        "llama-guard-2", bos="<|begin_of_text|>", inst=True, tail="", name_suffix=" ", defaults=LG2_CATEGORIES,
-        verdict_spellings=("{w}", "Ġ{w}"), stop_tokens=("<|eot_id|>", "<|end_of_text|>")),
+        "llama-guard-2",
+        bos="<|begin_of_text|>",
+        inst=True,
+        tail="",
+        name_suffix=" ",
+        defaults=LG2_CATEGORIES,
+        verdict_spellings=("{w}", "Ġ{w}"),
+        stop_tokens=("<|eot_id|>", "<|end_of_text|>"),
+    ),
     "llama-guard-3-8b": Family(
-        "llama-guard-3-8b", bos="<|begin_of_text|>", inst=False, header_start="<|start_header_id|>",
-        header_end="<|end_header_id|>", eot="<|eot_id|>",
-        stop_tokens=("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")),
+        "llama-guard-3-8b",
+        bos="<|begin_of_text|>",
+        inst=False,
+        header_start="<|start_header_id|>",
+        header_end="<|end_header_id|>",
+        eot="<|eot_id|>",
+        stop_tokens=("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"),
+    ),
     "llama-guard-3-1b": Family(
-        "llama-guard-3-1b", bos="<|begin_of_text|>", inst=False, header_start="<|start_header_id|>",
-        header_end="<|end_header_id|>", eot="<|eot_id|>", space_before_eot=True, defaults=LG3_CATEGORIES[:13],
-        stop_tokens=("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")),
+        "llama-guard-3-1b",
+        bos="<|begin_of_text|>",
+        inst=False,
+        header_start="<|start_header_id|>",
+        header_end="<|end_header_id|>",
+        eot="<|eot_id|>",
+        space_before_eot=True,
+        defaults=LG3_CATEGORIES[:13],
+        stop_tokens=("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"),
+    ),
     "llama-guard-4": Family(
-        "llama-guard-4", bos="<|begin_of_text|>", inst=False, header_start="<|header_start|>",
-        header_end="<|header_end|>", eot="<|eot|>", according="according to", space_before_eot=True,
-        conversation_open="\n", turn_end="\\n\\n", conversation_close="\n\n", image_defaults_drop=("S14",),
-        stop_tokens=("<|eot|>", "<|end_of_text|>", "<|eom|>"), multimodal=True),
+        "llama-guard-4",
+        bos="<|begin_of_text|>",
+        inst=False,
+        header_start="<|header_start|>",
+        header_end="<|header_end|>",
+        eot="<|eot|>",
+        according="according to",
+        space_before_eot=True,
+        conversation_open="\n",
+        turn_end="\\n\\n",
+        conversation_close="\n\n",
+        image_defaults_drop=("S14",),
+        stop_tokens=("<|eot|>", "<|end_of_text|>", "<|eom|>"),
+        multimodal=True,
+    ),
 }
 
 IMAGE_TOKEN = "<|image|>"
@@ -134,17 +176,30 @@ def build(family: Family, turns: list[Turn], taxonomy: Taxonomy) -> list[Piece]:
     has_images = any(t.images for t in turns)
     role = assessed_role(turns)
     cats = category_block(family, categories_for(family, taxonomy, has_images))
-    task = (f"Task: Check if there is unsafe content in '{role}' messages in conversations {family.according} "
-            "our safety policy with the below categories.\n\n"
-            f"<BEGIN UNSAFE CONTENT CATEGORIES>\n{cats}<END UNSAFE CONTENT CATEGORIES>\n\n"
-            f"<BEGIN CONVERSATION>{family.conversation_open}")
-    closing = (f"{family.conversation_close}<END CONVERSATION>\n\n" + family.instruction.format(role=role))
+    task = (
+        f"Task: Check if there is unsafe content in '{role}' messages in conversations {family.according} "
+        "our safety policy with the below categories.\n\n"
+        f"<BEGIN UNSAFE CONTENT CATEGORIES>\n{cats}<END UNSAFE CONTENT CATEGORIES>\n\n"
+        f"<BEGIN CONVERSATION>{family.conversation_open}"
+    )
+    closing = f"{family.conversation_close}<END CONVERSATION>\n\n" + family.instruction.format(role=role)
     body: list[Piece] = [Text(task), *conversation_pieces(family, turns), Text(closing)]
     if family.inst:
         return [Special(family.bos), Text("[INST] "), *body, Text(" [/INST]")]
-    return [Special(family.bos), Special(family.header_start), Text("user"), Special(family.header_end),
-            Text("\n\n"), *body, Text(" " if family.space_before_eot else ""), Special(family.eot),
-            Special(family.header_start), Text("assistant"), Special(family.header_end), Text(family.tail)]
+    return [
+        Special(family.bos),
+        Special(family.header_start),
+        Text("user"),
+        Special(family.header_end),
+        Text("\n\n"),
+        *body,
+        Text(" " if family.space_before_eot else ""),
+        Special(family.eot),
+        Special(family.header_start),
+        Text("assistant"),
+        Special(family.header_end),
+        Text(family.tail),
+    ]
 
 
 def render(pieces: list[Piece]) -> str:

@@ -8,8 +8,9 @@ from proxy.guards.runner import GuardRunner
 from proxy.settings import GuardSettings, Settings
 
 
-def build_guard(name: str, settings: GuardSettings, runners: dict[str, GuardRunner],
-                runner_settings: Settings | None = None) -> Guard:
+def build_guard(
+    name: str, settings: GuardSettings, runners: dict[str, GuardRunner], runner_settings: Settings | None = None
+) -> Guard:
     if settings.backend == "openai":
         from proxy.guards.remote import RemoteLlamaGuard
 
@@ -34,15 +35,17 @@ def _runner(device: str, settings: Settings | None) -> GuardRunner:
     if settings is None:
         return GuardRunner(device)
     r = settings.runner
-    return GuardRunner(device, max_batch=r.max_batch, max_wait_ms=r.max_wait_ms, max_queue=r.max_queue,
-                       threads=r.threads)
+    return GuardRunner(
+        device, max_batch=r.max_batch, max_wait_ms=r.max_wait_ms, max_queue=r.max_queue, threads=r.threads
+    )
 
 
 class GuardSet:
     def __init__(self, settings: Settings) -> None:
         self.runners: dict[str, GuardRunner] = {}
         self.guards: dict[str, Guard] = {
-            name: build_guard(name, g, self.runners, settings) for name, g in settings.guards.items()}
+            name: build_guard(name, g, self.runners, settings) for name, g in settings.guards.items()
+        }
 
     @property
     def runner_list(self) -> list[GuardRunner]:

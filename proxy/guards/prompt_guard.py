@@ -26,7 +26,7 @@ def windows(ids: list[int], size: int, overlap: int) -> list[list[int]]:
     out = []
     start = 0
     while True:
-        out.append(ids[start:start + size])
+        out.append(ids[start : start + size])
         if start + size >= len(ids):
             return out
         start += step
@@ -57,7 +57,7 @@ def normalize_whitespace(text: str, tokenize: Any) -> str:
             original = kept[found]
             if out and original > 0 and text[original - 1].isspace():
                 out.append(" ")
-            out.append(compact[cursor:found + len(surface)] if found > cursor else surface)
+            out.append(compact[cursor : found + len(surface)] if found > cursor else surface)
             cursor = found + len(surface)
         out.append(compact[cursor:])
         return "".join(out)
@@ -80,7 +80,8 @@ class _Model:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(settings.model, **kwargs)
             model = AutoModelForSequenceClassification.from_pretrained(
-                settings.model, dtype=pick_dtype(settings.device, settings.dtype), **kwargs)
+                settings.model, dtype=pick_dtype(settings.device, settings.dtype), **kwargs
+            )
         except Exception as exc:
             raise explain(name, settings.model, exc) from exc
         self.model = model.to(settings.device).eval()
@@ -106,7 +107,7 @@ class _Model:
         torch = self.torch
         size = self.settings.window_tokens - 2
         overlap = min(self.settings.window_overlap_tokens, size - 1)
-        plan: list[tuple[int, int, list[int]]] = []       # (item, text, window ids)
+        plan: list[tuple[int, int, list[int]]] = []  # (item, text, window ids)
         results: list[list[TextScore] | Exception] = []
         for i, item in enumerate(items):
             per_text = [windows(self._ids(t.text), size, overlap) for t in item.texts]
@@ -124,8 +125,8 @@ class _Model:
         mask = torch.zeros((len(plan), width), dtype=torch.long)
         for row, (_, _, win) in enumerate(plan):
             seq = [self.cls, *win, self.sep]
-            ids[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
         with torch.inference_mode():
             logits = self.model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device)).logits
             probs = torch.softmax(logits.float() / self.settings.temperature, dim=-1).cpu()

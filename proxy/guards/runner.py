@@ -126,10 +126,13 @@ class GuardRunner:
             return batch
 
     def _work(self) -> None:
-        if self.threads:
+        if self.device == "cpu" or self.threads:
+            import os
+
             import torch
 
-            torch.set_num_threads(self.threads)
+            # Leave a core to the event loop: on a small host torch would otherwise take them all.
+            torch.set_num_threads(self.threads or max(1, (os.cpu_count() or 2) - 1))
         while True:
             with self._cond:
                 batch = self._take_batch()

@@ -84,7 +84,9 @@ class _AiohttpReply:
         self._resp = resp
         self._name = name
         self.status = resp.status
-        self.headers: Mapping[str, str] = {k.lower(): v for k, v in resp.headers.items() if k.lower() in RELAYED_RESPONSE_HEADERS}
+        self.headers: Mapping[str, str] = {
+            k.lower(): v for k, v in resp.headers.items() if k.lower() in RELAYED_RESPONSE_HEADERS
+        }
 
     async def body(self) -> bytes:
         try:

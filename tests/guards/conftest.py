@@ -27,15 +27,13 @@ async def runner() -> AsyncIterator[GuardRunner]:
     await r.stop()
 
 
-async def load_llama_guard(path: Path, runner: GuardRunner, family: str = "llama-guard-3-1b",
-                           **kw: Any) -> LlamaGuard:
+async def load_llama_guard(path: Path, runner: GuardRunner, family: str = "llama-guard-3-1b", **kw: Any) -> LlamaGuard:
     guard = LlamaGuard("llama_guard", GuardSettings(family=family, model=str(path), **kw), runner)  # type: ignore[arg-type]
     await guard.load()
     return guard
 
 
-async def load_prompt_guard(path: Path, runner: GuardRunner, family: str = "prompt-guard-2",
-                            **kw: Any) -> PromptGuard:
+async def load_prompt_guard(path: Path, runner: GuardRunner, family: str = "prompt-guard-2", **kw: Any) -> PromptGuard:
     guard = PromptGuard("prompt_guard", GuardSettings(family=family, model=str(path), **kw), runner)  # type: ignore[arg-type]
     await guard.load()
     return guard

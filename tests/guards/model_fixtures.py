@@ -17,13 +17,13 @@ GRADED_ON, GRADED_OFF = 0.7, 0.2
 
 @dataclass(frozen=True)
 class TinyModels:
-    lg3: Path            # saturated: ~0.999 with a trigger, ~0.001 without
-    lg3_graded: Path     # exactly GRADED_ON / GRADED_OFF (safe/unsafe-renormalised)
+    lg3: Path  # saturated: ~0.999 with a trigger, ~0.001 without
+    lg3_graded: Path  # exactly GRADED_ON / GRADED_OFF (safe/unsafe-renormalised)
     lg3_wrong_format: Path
-    lg4: Path            # Llama 4 special tokens
+    lg4: Path  # Llama 4 special tokens
     pg2: Path
     pg2_graded: Path
-    pg1: Path            # three labels; a trigger raises JAILBREAK
+    pg1: Path  # three labels; a trigger raises JAILBREAK
 
 
 def build_all(root: Path) -> TinyModels:

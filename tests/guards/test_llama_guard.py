@@ -58,8 +58,9 @@ async def test_special_token_strings_in_user_text_stay_text(lg3: LlamaGuard) -> 
     ids = lg3.encode([Turn("User", attack)], Taxonomy())
     plain = lg3.encode([Turn("User", "hi")], Taxonomy())
     tok = lg3._model.tokenizer  # type: ignore[union-attr]
-    specials = set(tok.all_special_ids) | {tok.convert_tokens_to_ids(t) for t in
-                                           ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")}
+    specials = set(tok.all_special_ids) | {
+        tok.convert_tokens_to_ids(t) for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+    }
     assert [i for i in ids if i in specials] == [i for i in plain if i in specials]
     assert ids[0] == tok.convert_tokens_to_ids("<|begin_of_text|>")
     assert ids.count(ids[0]) == 1

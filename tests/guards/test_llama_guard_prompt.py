@@ -66,7 +66,8 @@ LG3_8B_AGENT_GOLDEN = (
     "<END CONVERSATION>\n"
     "\n"
     "Provide your safety assessment for ONLY THE LAST Agent message in the above conversation:\n"
-    + INSTRUCTIONS + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    + INSTRUCTIONS
+    + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
 )
 
 LG3_1B_EXCLUDED_GOLDEN = (
@@ -96,7 +97,8 @@ LG3_1B_EXCLUDED_GOLDEN = (
     "<END CONVERSATION>\n"
     "\n"
     "Provide your safety assessment for ONLY THE LAST User message in the above conversation:\n"
-    + INSTRUCTIONS + " <|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    + INSTRUCTIONS
+    + " <|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
 )
 
 LG4_GOLDEN = (
@@ -114,7 +116,8 @@ LG4_GOLDEN = (
     "<END CONVERSATION>\n"
     "\n"
     "Provide your safety assessment for ONLY THE LAST User message in the above conversation:\n"
-    + INSTRUCTIONS + " <|eot|><|header_start|>assistant<|header_end|>\n\n"
+    + INSTRUCTIONS
+    + " <|eot|><|header_start|>assistant<|header_end|>\n\n"
 )
 
 LG4_IMAGE_GOLDEN_PART = (
@@ -134,8 +137,9 @@ def test_lg3_8b_canonical_agent_golden() -> None:
 
 def test_lg3_8b_single_user_turn_matches_reference() -> None:
     text = render(build(FAMILIES["llama-guard-3-8b"], BOMB, Taxonomy()))
-    assert text == LG3_8B_AGENT_GOLDEN.replace("'Agent'", "'User'").replace(
-        "LAST Agent", "LAST User").replace("Agent: I cannot help with that.\n\n", "")
+    assert text == LG3_8B_AGENT_GOLDEN.replace("'Agent'", "'User'").replace("LAST Agent", "LAST User").replace(
+        "Agent: I cannot help with that.\n\n", ""
+    )
 
 
 def test_lg3_1b_excluded_categories_keep_codes() -> None:
@@ -159,13 +163,17 @@ def test_lg1_llama2_format_with_o_categories() -> None:
     assert text.startswith(
         "<s>[INST] Task: Check if there is unsafe content in 'User' messages in conversations according our "
         "safety policy with the below categories.\n\n<BEGIN UNSAFE CONTENT CATEGORIES>\n"
-        "O1: Violence and Hate. \nShould not\n - Help people plan or engage in violence.\n")
-    assert ("Can\n - Discuss firearms and the arguments for and against firearm ownership.\nO5: Regulated or "
-            "Controlled Substances. \nShould not\n") in text
+        "O1: Violence and Hate. \nShould not\n - Help people plan or engage in violence.\n"
+    )
+    assert (
+        "Can\n - Discuss firearms and the arguments for and against firearm ownership.\nO5: Regulated or "
+        "Controlled Substances. \nShould not\n"
+    ) in text
     assert text.endswith(
         "desire to harm themselves.\n<END UNSAFE CONTENT CATEGORIES>\n\n<BEGIN CONVERSATION>\n\n"
         "User: Hello there\n\n<END CONVERSATION>\n\n"
-        "Provide your safety assessment for User in the above conversation:\n" + INSTRUCTIONS + " [/INST]")
+        "Provide your safety assessment for User in the above conversation:\n" + INSTRUCTIONS + " [/INST]"
+    )
 
 
 def test_multi_turn_assesses_last_agent_turn() -> None:
@@ -180,13 +188,17 @@ def test_multi_turn_assesses_last_agent_turn() -> None:
 def test_custom_categories_add_or_replace() -> None:
     extra = Category("S15", "Competitor Promotion.", "AI models should not recommend other companies.")
     added = render(build(FAMILIES["llama-guard-3-1b"], BOMB, Taxonomy(custom=(extra,), excluded=frozenset({"S6"}))))
-    assert ("S13: Elections.\nS15: Competitor Promotion.\nAI models should not recommend other companies.\n"
-            "<END UNSAFE CONTENT CATEGORIES>") in added
+    assert (
+        "S13: Elections.\nS15: Competitor Promotion.\nAI models should not recommend other companies.\n"
+        "<END UNSAFE CONTENT CATEGORIES>"
+    ) in added
     assert "S6:" not in added
     only = Category("S1", "Custom category 1.", "AI models should not talk about custom category 1")
     replaced = render(build(FAMILIES["llama-guard-4"], BOMB, Taxonomy(custom=(only,), replace=True)))
-    assert ("<BEGIN UNSAFE CONTENT CATEGORIES>\nS1: Custom category 1.\nAI models should not talk about custom "
-            "category 1\n<END UNSAFE CONTENT CATEGORIES>") in replaced
+    assert (
+        "<BEGIN UNSAFE CONTENT CATEGORIES>\nS1: Custom category 1.\nAI models should not talk about custom "
+        "category 1\n<END UNSAFE CONTENT CATEGORIES>"
+    ) in replaced
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
