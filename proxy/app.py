@@ -67,16 +67,16 @@ def _lifecycle(guards_injected: bool, upstreams_injected: bool):  # type: ignore
         watcher = asyncio.create_task(app[POLICIES].watch())
         app[METRICS].policy_reload_failures.set_function(lambda: app[POLICIES].reload_failures)
         loader: asyncio.Task[None] | None = None
-        runners = []
+        guard_set = None
         if guards_injected:
             app[READINESS].ready = True
         else:
             from proxy.guards.loading import GuardSet
 
             guard_set = GuardSet(settings)
-            runners = guard_set.runner_list
-            for runner in runners:
-                app[METRICS].queue_depth.labels(runner.device).set_function(lambda r=runner: r.queue_depth)
+            for runner in guard_set.runner_list:
+                depth = app[METRICS].queue_depth.labels(runner.device)
+                depth.set_function(lambda r=runner: float(r.queue_depth))  # type: ignore[misc]
             loader = asyncio.create_task(_load(app, guard_set))
         try:
             yield
@@ -88,8 +88,10 @@ def _lifecycle(guards_injected: bool, upstreams_injected: bool):  # type: ignore
                 if task is not None:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-            for runner in runners:
-                await runner.stop()
+            if guard_set is not None:
+                await guard_set.close()
+                for runner in guard_set.runner_list:
+                    await runner.stop()
             await session.close()
 
     return lifecycle

@@ -104,6 +104,8 @@ class GuardSettings(Strict):
     def _check(self) -> GuardSettings:
         if self.backend == "openai" and not self.base_url:
             raise ValueError("base_url is required for backend: openai")
+        if self.backend != "transformers" and self.is_prompt_guard:
+            raise ValueError("Prompt Guard runs on the transformers backend only")
         if self.window_overlap_tokens >= self.window_tokens - 2:
             raise ValueError("window_overlap_tokens must be smaller than window_tokens - 2")
         return self

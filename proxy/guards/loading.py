@@ -11,13 +11,11 @@ from proxy.settings import GuardSettings, Settings
 def build_guard(
     name: str, settings: GuardSettings, runners: dict[str, GuardRunner], runner_settings: Settings | None = None
 ) -> Guard:
+    runner = runners.setdefault(settings.device, _runner(settings.device, runner_settings))
     if settings.backend == "openai":
         from proxy.guards.remote import RemoteLlamaGuard
 
-        if settings.is_prompt_guard:
-            raise ValueError(f"guard {name!r}: the openai backend serves Llama Guard models only")
-        return RemoteLlamaGuard(name, settings)
-    runner = runners.setdefault(settings.device, _runner(settings.device, runner_settings))
+        return RemoteLlamaGuard(name, settings, runner)
     if settings.backend == "llama-cpp":
         from proxy.guards.gguf import GGUFLlamaGuard
 
@@ -57,3 +55,9 @@ class GuardSet:
             if load is not None:
                 await load()
         return self.guards
+
+    async def close(self) -> None:
+        for guard in self.guards.values():
+            close = getattr(guard, "close", None)
+            if close is not None:
+                await close()

@@ -1,0 +1,66 @@
+"""The remote backend against a fake vLLM on 127.0.0.1: same prompt ids, same scores as local."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from proxy.guards.guard import GuardError, Taxonomy, Turn
+from proxy.guards.llama_guard import LlamaGuard
+from proxy.guards.remote import RemoteLlamaGuard, verdict_probs
+from proxy.guards.runner import GuardRunner
+from proxy.settings import GuardSettings
+from tests.fakes.vllm import FakeVLLM
+from tests.guards.conftest import load_llama_guard
+from tests.guards.model_fixtures import TinyModels
+
+UNSAFE = [Turn("User", "where is the bomb?")]
+SAFE = [Turn("User", "where is the cake?")]
+
+
+@pytest.fixture
+async def vllm(tiny: TinyModels) -> AsyncIterator[FakeVLLM]:
+    server = await FakeVLLM(tiny.lg3_graded).start()
+    yield server
+    await server.stop()
+
+
+async def remote_guard(url: str, tiny: TinyModels, runner: GuardRunner) -> RemoteLlamaGuard:
+    settings = GuardSettings(family="llama-guard-3-1b", backend="openai", api="vllm", base_url=url,
+                             model="guard", tokenizer=str(tiny.lg3_graded))
+    guard = RemoteLlamaGuard("llama_guard", settings, runner)
+    await guard.load()
+    return guard
+
+
+async def test_remote_scores_equal_local_scores(vllm: FakeVLLM, tiny: TinyModels, runner: GuardRunner) -> None:
+    remote = await remote_guard(vllm.url, tiny, runner)
+    local: LlamaGuard = await load_llama_guard(tiny.lg3_graded, runner)
+    try:
+        for turns in (UNSAFE, SAFE):
+            r = await remote.score_conversation(turns, Taxonomy(), categories_from=0.6)
+            loc = await local.score_conversation(turns, Taxonomy(), categories_from=0.6)
+            assert r.score == pytest.approx(loc.score, abs=1e-5)
+            assert r.score_binary == pytest.approx(loc.score_binary, abs=1e-5)
+            assert r.categories == loc.categories
+        # The exact local prompt ids went over the wire, with exactly one BOS.
+        assert vllm.requests[0]["prompt"] == local.encode(UNSAFE, Taxonomy())
+        assert vllm.requests[0]["max_tokens"] == 1
+    finally:
+        await remote.close()
+
+
+async def test_remote_unreachable_is_guard_error(tiny: TinyModels, runner: GuardRunner) -> None:
+    guard = await remote_guard("http://127.0.0.1:9/v1", tiny, runner)
+    try:
+        with pytest.raises(GuardError, match="unreachable"):
+            await guard.score_conversation(SAFE, Taxonomy())
+    finally:
+        await guard.close()
+
+
+def test_verdict_probs_reads_both_spellings() -> None:
+    safe, unsafe = verdict_probs({"safe": -0.1, "Ġunsafe": -3.0, "▁safe": -5.0, "other": -1.0})
+    assert unsafe == pytest.approx(0.0497871, rel=1e-5)
+    assert safe > 0.9
