@@ -4,9 +4,11 @@ with the configured guards, `demo` shows the whole product offline with tiny dem
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from pathlib import Path
 
+from proxy.guards.guard import GuardError
 from proxy.yaml_source import ConfigError
 
 
@@ -26,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="*", help="model name used to pick the route")
     p.add_argument("--file", type=Path, help='JSONL: one {"messages": [...]} conversation per line')
     p.add_argument("text", nargs="?", help="a user message to score")
+    # exit status: 0 every conversation allowed or flagged, 2 one was blocked, 1 configuration error
     p = sub.add_parser("demo", help="run the whole flow offline with tiny trigger-word demo guards")
     p.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -35,15 +38,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             return cmd_check(args)
         if args.command == "classify":
-            from proxy.classify import run_classify
+            from proxy.classify import classify
 
-            return run_classify(args)
-        from proxy.demo.run import run_demo
+            with asyncio.Runner() as runner:  # the command line is the one place a loop is started
+                return runner.run(classify(args, sys.stdout))
+        from proxy.demo.run import demo
 
-        return run_demo(args.cache_dir)
+        with asyncio.Runner() as runner:
+            return runner.run(demo(args.cache_dir, sys.stdout))
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
+        return 1
+    except GuardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
 
 

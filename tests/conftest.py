@@ -18,10 +18,12 @@ from aiohttp import web
 
 from proxy.app import build_app
 from proxy.guards.guard import Guard
+from proxy.guards.runner import GuardRunner
 from proxy.observability import setup_logging
 from proxy.settings import Settings
 from tests.fakes.guards import ScriptedConversationGuard, ScriptedTextGuard
 from tests.fakes.upstream import FakeUpstream
+from tests.guards.model_fixtures import TinyModels, build_all
 
 MAX_LOOP_GAP_S = 0.5
 
@@ -49,6 +51,19 @@ async def _loop_not_blocked(request: pytest.FixtureRequest) -> AsyncIterator[Non
     task.cancel()
     worst = max(gaps, default=0.0)
     assert worst < MAX_LOOP_GAP_S, f"the event loop was blocked for {worst * 1000:.0f} ms"
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
+    """The tiny deterministic guard models, built once per session (see tests/guards/model_fixtures.py)."""
+    return build_all(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+async def runner() -> AsyncIterator[GuardRunner]:
+    r = GuardRunner("cpu", max_batch=16, max_wait_ms=2.0, max_queue=64)
+    yield r
+    await r.stop()
 
 
 @pytest.fixture

@@ -45,7 +45,7 @@ def normalize_whitespace(text: str, tokenize: Any) -> str:
         return text
     try:
         pieces = tokenize(compact)
-        out = []
+        out: list[str] = []
         cursor = 0
         for piece in pieces:
             surface = piece.replace("▁", "").replace("Ġ", "")

@@ -78,8 +78,11 @@ class RemoteLlamaGuard:
             if isinstance(piece, Special):
                 out.append(self._tokenizer.convert_tokens_to_ids(piece.token))
             elif isinstance(piece, Text):
-                out.extend(self._tokenizer(piece.text, add_special_tokens=False, split_special_tokens=True,
-                                           verbose=False).input_ids)
+                out.extend(
+                    self._tokenizer(
+                        piece.text, add_special_tokens=False, split_special_tokens=True, verbose=False
+                    ).input_ids
+                )
         return out
 
     def _text(self, turns: list[Turn], taxonomy: Taxonomy) -> str:
@@ -101,25 +104,42 @@ class RemoteLlamaGuard:
         """({token: logprob} at the first position, generated text)."""
         api, model = self.settings.api, self.settings.model
         if api in ("vllm", "llama-cpp"):
-            data = await self._post("/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                                                     "temperature": 0, "logprobs": TOP})
+            data = await self._post(
+                "/completions",
+                {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": TOP},
+            )
             choice = data["choices"][0]
             tops = (choice.get("logprobs") or {}).get("top_logprobs") or [{}]
             return dict(tops[0] or {}), choice.get("text", "")
         if api == "ollama":
-            data = await self._post("/api/generate", {"model": model, "prompt": prompt, "raw": True, "stream": False,
-                                                      "logprobs": True, "top_logprobs": TOP,
-                                                      "options": {"temperature": 0, "num_predict": max_tokens}})
+            data = await self._post(
+                "/api/generate",
+                {
+                    "model": model,
+                    "prompt": prompt,
+                    "raw": True,
+                    "stream": False,
+                    "logprobs": True,
+                    "top_logprobs": TOP,
+                    "options": {"temperature": 0, "num_predict": max_tokens},
+                },
+            )
             first = (data.get("logprobs") or [{}])[0]
             return {t["token"]: t["logprob"] for t in first.get("top_logprobs") or []}, data.get("response", "")
-        data = await self._post("/generate", {"inputs": prompt, "parameters": {
-            "max_new_tokens": max_tokens, "do_sample": False, "details": True, "top_n_tokens": 5}})
+        data = await self._post(
+            "/generate",
+            {
+                "inputs": prompt,
+                "parameters": {"max_new_tokens": max_tokens, "do_sample": False, "details": True, "top_n_tokens": 5},
+            },
+        )
         details = data.get("details") or {}
         top = (details.get("top_tokens") or [[]])[0]
         return {t["text"]: t["logprob"] for t in top}, data.get("generated_text", "")
 
-    async def score_conversation(self, turns: list[Turn], taxonomy: Taxonomy, *,
-                                 categories_from: float = 0.5) -> ConversationScore:
+    async def score_conversation(
+        self, turns: list[Turn], taxonomy: Taxonomy, *, categories_from: float = 0.5
+    ) -> ConversationScore:
         if self.settings.api == "vllm":
             if self._tokenizer is None:
                 raise GuardError(f"guard {self.name!r} is not loaded")
@@ -133,14 +153,19 @@ class RemoteLlamaGuard:
         safe, unsafe = verdict_probs(top)
         mass = safe + unsafe
         if mass < self.settings.min_mass:
-            raise GuardError(f"P(safe)+P(unsafe) is {mass:.3f} < {self.settings.min_mass}: the prompt does not "
-                             f"match the {self.family.name} format, or the server returned too few logprobs")
+            raise GuardError(
+                f"P(safe)+P(unsafe) is {mass:.3f} < {self.settings.min_mass}: the prompt does not "
+                f"match the {self.family.name} format, or the server returned too few logprobs"
+            )
         binary = unsafe / mass
         categories: tuple[str, ...] = ()
         all_excluded = False
         if max(unsafe, binary) >= categories_from:
-            continued = prompt + [self._tokenizer.convert_tokens_to_ids("unsafe")] if isinstance(prompt, list) \
+            continued = (
+                [*prompt, self._tokenizer.convert_tokens_to_ids("unsafe")]
+                if isinstance(prompt, list)
                 else prompt + "unsafe"
+            )
             _, text = await self._first_token(continued, self.settings.max_new_tokens)
             codes = tuple(dict.fromkeys(CODE.findall(text.strip().split("\n\n")[0])))
             categories = tuple(c for c in codes if c not in taxonomy.excluded)

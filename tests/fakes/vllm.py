@@ -39,12 +39,23 @@ class FakeVLLM:
             x = torch.tensor([ids])
             logprobs = torch.log_softmax(self.model(input_ids=x).logits[0, -1].float(), -1)
             values, indices = logprobs.topk(top)
-            top_map = {self.tokenizer.convert_ids_to_tokens(int(i)): float(v) for v, i in zip(values, indices)}
+            tokens = self.tokenizer.convert_ids_to_tokens(indices.tolist())
+            top_map = {t: float(v) for t, v in zip(tokens, values.tolist(), strict=True)}
             out = self.model.generate(input_ids=x, max_new_tokens=max_tokens, do_sample=False)
-        text = self.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
-        return {"id": "cmpl-fake", "object": "text_completion", "model": "guard",
-                "choices": [{"index": 0, "text": text, "finish_reason": "stop",
-                             "logprobs": {"tokens": [], "token_logprobs": [], "top_logprobs": [top_map]}}]}
+        text = self.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+        return {
+            "id": "cmpl-fake",
+            "object": "text_completion",
+            "model": "guard",
+            "choices": [
+                {
+                    "index": 0,
+                    "text": text,
+                    "finish_reason": "stop",
+                    "logprobs": {"tokens": [], "token_logprobs": [], "top_logprobs": [top_map]},
+                }
+            ],
+        }
 
     async def _completions(self, request: web.Request) -> web.Response:
         body = await request.json()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -12,29 +11,17 @@ from proxy.guards.llama_guard import LlamaGuard
 from proxy.guards.prompt_guard import PromptGuard
 from proxy.guards.runner import GuardRunner
 from proxy.settings import GuardSettings
-from tests.guards.model_fixtures import TinyModels, build_all
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
-    return build_all(tmp_path_factory.mktemp("tiny-models"))
-
-
-@pytest.fixture(scope="session")
-async def runner() -> AsyncIterator[GuardRunner]:
-    r = GuardRunner("cpu", max_batch=16, max_wait_ms=2.0, max_queue=64)
-    yield r
-    await r.stop()
+from tests.guards.model_fixtures import TinyModels
 
 
 async def load_llama_guard(path: Path, runner: GuardRunner, family: str = "llama-guard-3-1b", **kw: Any) -> LlamaGuard:
-    guard = LlamaGuard("llama_guard", GuardSettings(family=family, model=str(path), **kw), runner)  # type: ignore[arg-type]
+    guard = LlamaGuard("llama_guard", GuardSettings(family=family, model=str(path), **kw), runner)
     await guard.load()
     return guard
 
 
 async def load_prompt_guard(path: Path, runner: GuardRunner, family: str = "prompt-guard-2", **kw: Any) -> PromptGuard:
-    guard = PromptGuard("prompt_guard", GuardSettings(family=family, model=str(path), **kw), runner)  # type: ignore[arg-type]
+    guard = PromptGuard("prompt_guard", GuardSettings(family=family, model=str(path), **kw), runner)
     await guard.load()
     return guard
 

@@ -27,8 +27,14 @@ async def vllm(tiny: TinyModels) -> AsyncIterator[FakeVLLM]:
 
 
 async def remote_guard(url: str, tiny: TinyModels, runner: GuardRunner) -> RemoteLlamaGuard:
-    settings = GuardSettings(family="llama-guard-3-1b", backend="openai", api="vllm", base_url=url,
-                             model="guard", tokenizer=str(tiny.lg3_graded))
+    settings = GuardSettings(
+        family="llama-guard-3-1b",
+        backend="openai",
+        api="vllm",
+        base_url=url,
+        model="guard",
+        tokenizer=str(tiny.lg3_graded),
+    )
     guard = RemoteLlamaGuard("llama_guard", settings, runner)
     await guard.load()
     return guard

@@ -100,4 +100,6 @@ async def test_event_loop_keeps_ticking_during_inference(pg2: PromptGuard) -> No
     await ticker
     assert busy > 0.05, "the batch was too short to show anything"
     # Inference on the loop would stall it for the whole batch (seconds); scheduling noise stays far below.
-    assert max(gaps) < 0.25, f"largest event-loop gap {max(gaps) * 1000:.1f} ms during {busy * 1000:.0f} ms of inference"
+    assert max(gaps) < 0.25, (
+        f"largest event-loop gap {max(gaps) * 1000:.1f} ms during {busy * 1000:.0f} ms of inference"
+    )
