@@ -58,6 +58,12 @@ def _lifecycle(guards_injected: bool, upstreams_injected: bool):  # type: ignore
         session = aiohttp.ClientSession(auto_decompress=True)
         if not upstreams_injected:
             app[UPSTREAMS] = build_upstreams(settings, session)
+        litellm_models = [(u.provider_model_prefix or "") + "warm-up" for u in settings.upstreams.values()
+                          if u.kind == "litellm"]
+        if litellm_models:
+            from proxy.upstream.litellm_adapter import prepare_litellm
+
+            await prepare_litellm(litellm_models)  # before serving: seconds of imports that must not stall a request
         if app[TENANTS].open:
             log.warning(
                 "open_mode",

@@ -30,6 +30,16 @@ MAX_LOOP_GAP_S = 0.5
 setup_logging("info")
 
 
+def _preload_sdk() -> None:
+    """The SDK imports its resource modules on first use; do it now, not inside a timed test."""
+    client = openai.AsyncOpenAI(api_key="preload", base_url="http://127.0.0.1:9/v1")
+    for resource in (client.chat.completions, client.models, client.embeddings, client.completions):
+        assert resource is not None
+
+
+_preload_sdk()
+
+
 @pytest.fixture(autouse=True)
 async def _loop_not_blocked(request: pytest.FixtureRequest) -> AsyncIterator[None]:
     """A 10 ms ticker runs beside every test; a gap over MAX_LOOP_GAP_S means something blocked."""
