@@ -58,8 +58,9 @@ def _lifecycle(guards_injected: bool, upstreams_injected: bool):  # type: ignore
         session = aiohttp.ClientSession(auto_decompress=True)
         if not upstreams_injected:
             app[UPSTREAMS] = build_upstreams(settings, session)
-        litellm_models = [(u.provider_model_prefix or "") + "warm-up" for u in settings.upstreams.values()
-                          if u.kind == "litellm"]
+        litellm_models = [
+            (u.provider_model_prefix or "") + "warm-up" for u in settings.upstreams.values() if u.kind == "litellm"
+        ]
         if litellm_models:
             from proxy.upstream.litellm_adapter import prepare_litellm
 

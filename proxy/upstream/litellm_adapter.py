@@ -94,8 +94,12 @@ class LiteLLMUpstream:
             payload = json.loads(out.body)
         payload["model"] = (self.settings.provider_model_prefix or "") + str(payload.get("model", ""))
         payload.pop("stream_options", None) if not payload.get("stream") else None
-        kwargs: dict[str, Any] = {**payload, "num_retries": 0, "max_retries": 0,
-                                  "timeout": self.settings.total_timeout_s}
+        kwargs: dict[str, Any] = {
+            **payload,
+            "num_retries": 0,
+            "max_retries": 0,
+            "timeout": self.settings.total_timeout_s,
+        }
         if self._key:
             kwargs["api_key"] = self._key
         if self.settings.base_url:
@@ -107,8 +111,12 @@ class LiteLLMUpstream:
     @contextlib.asynccontextmanager
     async def open(self, out: Outgoing) -> AsyncIterator[Reply]:
         if out.path != "/chat/completions":
-            yield _JSONReply(404, json.dumps(error_body(f"{out.path} is not available through litellm",
-                                                        "invalid_request_error", "not_found")).encode())
+            yield _JSONReply(
+                404,
+                json.dumps(
+                    error_body(f"{out.path} is not available through litellm", "invalid_request_error", "not_found")
+                ).encode(),
+            )
             return
         litellm = import_litellm()
         try:

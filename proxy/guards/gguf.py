@@ -1,0 +1,135 @@
+"""Llama Guard from a GGUF file in process (llama-cpp-python), for CPU-only hosts.
+
+The prompt is built with the same pieces as the transformers backend and tokenized by the GGUF's
+own vocabulary: special tokens by name, text with special-token parsing off (a user cannot forge a
+turn). One evaluation gives the last position's logits; the score is P(unsafe) as everywhere else.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from proxy.guards.guard import ConversationScore, GuardError, Taxonomy, Turn
+from proxy.guards.llama_guard_prompt import FAMILIES, Special, Text, build, merge_text
+from proxy.guards.runner import GuardRunner
+from proxy.settings import GuardSettings
+
+CODE = re.compile(r"\b([A-Z]\d{1,3})\b")
+
+
+def softmax_at(logits: Any, ids: list[int]) -> tuple[float, float]:
+    """(sum of P(ids), log-normaliser) from raw logits, in float64."""
+    values = [float(v) for v in logits]
+    top = max(values)
+    norm = top + math.log(sum(math.exp(v - top) for v in values))
+    return sum(math.exp(values[i] - norm) for i in ids), norm
+
+
+class _Model:
+    def __init__(self, settings: GuardSettings, name: str, n_ctx: int = 8192) -> None:
+        try:
+            from llama_cpp import Llama
+        except ImportError as exc:
+            raise GuardError(
+                f"guard {name!r}: backend llama-cpp needs llama-cpp-python: pip install 'guardrail-proxy[gguf]'"
+            ) from exc
+        try:
+            self.llm = Llama(model_path=settings.model, n_ctx=n_ctx, logits_all=False, verbose=False)
+        except (ValueError, OSError, RuntimeError) as exc:
+            raise GuardError(f"guard {name!r} could not load GGUF {settings.model!r}: {exc}") from exc
+        self.family = FAMILIES[settings.family]
+        self.settings = settings
+        self.name = name
+        self.safe_ids = self._single("safe") + self._single(" safe")
+        self.unsafe_ids = self._single("unsafe") + self._single(" unsafe")
+        if not self.safe_ids or not self.unsafe_ids:
+            raise GuardError(f"guard {name!r}: the GGUF vocabulary has no single token for safe/unsafe")
+        self.stop_ids = {
+            self.llm.token_eos(),
+            *[self._special(t) for t in self.family.stop_tokens if self._is_special(t)],
+        }
+
+    def _single(self, text: str) -> list[int]:
+        ids = self.llm.tokenize(text.encode(), add_bos=False, special=False)
+        return ids if len(ids) == 1 else []
+
+    def _is_special(self, token: str) -> bool:
+        return len(self.llm.tokenize(token.encode(), add_bos=False, special=True)) == 1
+
+    def _special(self, token: str) -> int:
+        ids = self.llm.tokenize(token.encode(), add_bos=False, special=True)
+        if len(ids) != 1:
+            raise GuardError(f"guard {self.name!r}: {token} is not one token in this GGUF; is family right?")
+        return int(ids[0])
+
+    def encode(self, turns: list[Turn], taxonomy: Taxonomy) -> list[int]:
+        ids: list[int] = []
+        for piece in merge_text(build(self.family, turns, taxonomy)):
+            if isinstance(piece, Special):
+                ids.append(self._special(piece.token))
+            elif isinstance(piece, Text):
+                ids.extend(self.llm.tokenize(piece.text.encode(), add_bos=False, special=False))
+        return ids
+
+    def _next_logits(self, ids: list[int]) -> Any:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return self.llm.scores[self.llm.n_tokens - 1]
+
+    def score(self, turns: list[Turn], taxonomy: Taxonomy, categories_from: float) -> ConversationScore:
+        ids = self.encode(turns, taxonomy)
+        logits = self._next_logits(ids)
+        unsafe, _ = softmax_at(logits, self.unsafe_ids)
+        safe, _ = softmax_at(logits, self.safe_ids)
+        mass = safe + unsafe
+        if mass < self.settings.min_mass:
+            raise GuardError(
+                f"P(safe)+P(unsafe) is {mass:.3f} < {self.settings.min_mass}: the prompt does not "
+                f"match the {self.family.name} format"
+            )
+        binary = unsafe / mass
+        if max(unsafe, binary) < categories_from:
+            return ConversationScore(unsafe, binary, mass)
+        generated: list[int] = []
+        logits = self._next_logits([*ids, self.unsafe_ids[0]])
+        for _ in range(self.settings.max_new_tokens):
+            token = max(range(len(logits)), key=lambda i: logits[i])
+            if token in self.stop_ids:
+                break
+            generated.append(token)
+            self.llm.eval([token])
+            logits = self.llm.scores[self.llm.n_tokens - 1]
+        text = self.llm.detokenize(generated).decode("utf-8", errors="replace")
+        codes = tuple(dict.fromkeys(CODE.findall(text.strip().split("\n\n")[0])))
+        kept = tuple(c for c in codes if c not in taxonomy.excluded)
+        return ConversationScore(unsafe, binary, mass, categories=kept, all_excluded=bool(codes) and not kept)
+
+
+class GGUFLlamaGuard:
+    """A ConversationGuard on a GGUF file; llama.cpp calls run in the device runner's thread."""
+
+    def __init__(self, name: str, settings: GuardSettings, runner: GuardRunner) -> None:
+        self.name = name
+        self.settings = settings
+        self.runner = runner
+        self._model: _Model | None = None
+
+    async def load(self) -> None:
+        self._model = await self.runner.call(lambda: _Model(self.settings, self.name))
+
+    async def score_conversation(
+        self, turns: list[Turn], taxonomy: Taxonomy, *, categories_from: float = 0.5
+    ) -> ConversationScore:
+        model = self._model
+        if model is None:
+            raise GuardError(f"guard {self.name!r} is not loaded")
+        text_turns = [Turn(t.speaker, t.text) for t in turns]
+        return await self.runner.call(lambda: model.score(text_turns, taxonomy, categories_from))
+
+    async def encode(self, turns: list[Turn], taxonomy: Taxonomy) -> list[int]:
+        model = self._model
+        if model is None:
+            raise GuardError(f"guard {self.name!r} is not loaded")
+        return await self.runner.call(lambda: model.encode(turns, taxonomy))
