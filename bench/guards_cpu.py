@@ -31,10 +31,10 @@ from proxy.guards.prompt_guard import PromptGuard
 from proxy.guards.runner import GuardRunner
 from proxy.settings import GuardSettings
 
-WORDS = [
-    *"the garden grows near a quiet river while people read books about cooking and travel".split(" "),
-    *"and music and everyone plans a trip to the mountains next summer".split(" "),
-]
+WORDS = (
+    "the garden grows near a quiet river while people read books about cooking and travel and music "
+    "and everyone plans a trip to the mountains next summer"
+).split(" ")
 
 
 def llama3_rope(factor: float) -> dict[str, Any]:

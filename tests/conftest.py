@@ -41,6 +41,12 @@ _preload_sdk()
 
 
 @pytest.fixture(autouse=True)
+def _info_logging() -> None:
+    """Commands under test (demo) may quiet logging; every test starts from the serving default."""
+    setup_logging("info")
+
+
+@pytest.fixture(autouse=True)
 async def _loop_not_blocked(request: pytest.FixtureRequest) -> AsyncIterator[None]:
     """A 10 ms ticker runs beside every test; a gap over MAX_LOOP_GAP_S means something blocked."""
     if not asyncio.iscoroutinefunction(getattr(request.node, "obj", None)):

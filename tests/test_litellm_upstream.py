@@ -72,10 +72,8 @@ async def test_anthropic_through_litellm(start_proxy: Any, anthropic: FakeAnthro
     assert path.endswith("/messages")
     assert body["model"] == "claude-3-5-sonnet-20241022"
     assert (
-        (body["system"]
-        and body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "Say hi"}]}])
-        or body["messages"][0]["role"] == "user"
-    )
+        body["system"] and body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "Say hi"}]}]
+    ) or body["messages"][0]["role"] == "user"
     assert headers["x-api-key"] == "sk-ant-test"  # the configured key, not the client's
     assert len(anthropic.requests) == 2  # no hidden retries
 

@@ -19,12 +19,14 @@ from proxy.settings import GuardSettings
 CODE = re.compile(r"\b([A-Z]\d{1,3})\b")
 
 
-def softmax_at(logits: Any, ids: list[int]) -> tuple[float, float]:
-    """(sum of P(ids), log-normaliser) from raw logits, in float64."""
-    values = [float(v) for v in logits]
-    top = max(values)
-    norm = top + math.log(sum(math.exp(v - top) for v in values))
-    return sum(math.exp(values[i] - norm) for i in ids), norm
+def softmax_at(logits: Any, ids: list[int]) -> float:
+    """The summed probability of `ids` under softmax(logits), computed in float64."""
+    import numpy as np
+
+    values = np.asarray(logits, dtype=np.float64)
+    top = values.max()
+    norm = top + math.log(float(np.exp(values - top).sum()))
+    return float(np.exp(values[ids] - norm).sum())
 
 
 class _Model:
@@ -73,16 +75,25 @@ class _Model:
                 ids.extend(self.llm.tokenize(piece.text.encode(), add_bos=False, special=False))
         return ids
 
+    def _last_logits(self) -> Any:
+        """The last evaluated position's logits, read from the context (llama-cpp-python keeps no
+        copy unless logits_all, which would cost n_ctx x vocab floats)."""
+        import llama_cpp
+        import numpy as np
+
+        pointer = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),)).copy()
+
     def _next_logits(self, ids: list[int]) -> Any:
         self.llm.reset()
         self.llm.eval(ids)
-        return self.llm.scores[self.llm.n_tokens - 1]
+        return self._last_logits()
 
     def score(self, turns: list[Turn], taxonomy: Taxonomy, categories_from: float) -> ConversationScore:
         ids = self.encode(turns, taxonomy)
         logits = self._next_logits(ids)
-        unsafe, _ = softmax_at(logits, self.unsafe_ids)
-        safe, _ = softmax_at(logits, self.safe_ids)
+        unsafe = softmax_at(logits, self.unsafe_ids)
+        safe = softmax_at(logits, self.safe_ids)
         mass = safe + unsafe
         if mass < self.settings.min_mass:
             raise GuardError(
@@ -95,12 +106,12 @@ class _Model:
         generated: list[int] = []
         logits = self._next_logits([*ids, self.unsafe_ids[0]])
         for _ in range(self.settings.max_new_tokens):
-            token = max(range(len(logits)), key=lambda i: logits[i])
+            token = int(logits.argmax())
             if token in self.stop_ids:
                 break
             generated.append(token)
             self.llm.eval([token])
-            logits = self.llm.scores[self.llm.n_tokens - 1]
+            logits = self._last_logits()
         text = self.llm.detokenize(generated).decode("utf-8", errors="replace")
         codes = tuple(dict.fromkeys(CODE.findall(text.strip().split("\n\n")[0])))
         kept = tuple(c for c in codes if c not in taxonomy.excluded)

@@ -86,8 +86,11 @@ class RemoteLlamaGuard:
         return out
 
     def _text(self, turns: list[Turn], taxonomy: Taxonomy) -> str:
-        """The prompt text without its BOS (the server adds one)."""
-        return render(build(self.family, turns, taxonomy)).removeprefix(self.family.bos)
+        """The prompt text without its BOS (the server adds one). Text servers parse special-token
+        strings anywhere in the prompt, so in message text `<|` becomes `< |`: a user cannot type
+        a turn boundary or a verdict."""
+        safe_turns = [Turn(t.speaker, t.text.replace("<|", "< |"), t.images) for t in turns]
+        return render(build(self.family, safe_turns, taxonomy)).removeprefix(self.family.bos)
 
     async def _post(self, path: str, body: dict[str, Any]) -> Any:
         if self._session is None:
