@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -147,9 +147,6 @@ class Settings(Strict):
         if up is not None and up not in self.upstreams:
             raise ValueError(f"server.models_upstream names unknown upstream {up!r}")
         return self
-
-
-ConfigPath = Annotated[Path, "config file"]
 
 
 def load_settings(path: Path) -> tuple[Settings, YamlDoc]:

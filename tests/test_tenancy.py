@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import aiohttp
@@ -88,3 +89,25 @@ async def test_log_content_setting_logs_prompt(start_proxy: Any, capsys: pytest.
             model="m", messages=[{"role": "user", "content": "visible-prompt"}]
         )
     assert "visible-prompt" in capsys.readouterr().out
+
+
+async def test_every_log_line_of_a_request_names_its_tenant(
+    start_proxy: Any, beta_key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.fakes.guards import ScriptedTextGuard
+
+    class ExplodingGuard:
+        name = "llama_guard"
+
+        async def score_conversation(self, *args: Any, **kw: Any) -> Any:
+            raise RuntimeError("boom")
+
+    guards = {"prompt_guard": ScriptedTextGuard(), "llama_guard": ExplodingGuard()}
+    async with start_proxy(policies={"default": DEFAULT_POLICY, "acme": ACME}, tenants=TENANTS, guards=guards) as proxy:
+        with pytest.raises(openai.APIStatusError):
+            await proxy.client(beta_key).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    request_lines = [line for line in lines if line.get("event") in ("guard_failed", "request")]
+    assert {line["event"] for line in request_lines} == {"guard_failed", "request"}
+    assert all(line["tenant"] == "beta" for line in request_lines)
+    assert len({line["request_id"] for line in request_lines}) == 1

@@ -26,7 +26,18 @@ from proxy.protocol import ChatCompletion, ChatRequest
 from proxy.screening.collect import Reply, count_limits, reply_text
 from proxy.screening.pipeline import Verdict, combine, screen, screen_replies
 from proxy.screening.refusal import refusal_completion, replace_choices
-from proxy.server.state import GUARDS, METRICS, POLICIES, READINESS, SETTINGS, TENANTS, UPSTREAMS, Record, record_of
+from proxy.server.state import (
+    GUARDS,
+    METRICS,
+    POLICIES,
+    READINESS,
+    SETTINGS,
+    TENANTS,
+    UPSTREAMS,
+    Record,
+    bind_tenant,
+    record_of,
+)
 from proxy.streaming.buffered import hold, refusal_stream, replay
 from proxy.streaming.held_response import SSE_HEADERS, HeldResponse
 from proxy.streaming.sse import DONE, MalformedStream
@@ -38,7 +49,7 @@ CHAT_PATH = "/v1/chat/completions"
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     record = record_of(request)
     tenant = request.app[TENANTS].identify(request)
-    record.tenant = tenant.name
+    bind_tenant(request, tenant.name)
     raw, payload, chat = await read_chat_request(request)
     policy = request.app[POLICIES].current.get(tenant.policy)
     record.policy, record.model, record.stream = policy.tag, chat.model, bool(chat.stream)

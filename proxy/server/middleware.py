@@ -31,6 +31,9 @@ async def record_middleware(request: web.Request, handler: Handler) -> web.Strea
     if _REQUEST_ID.match(incoming):
         record.request_id = incoming
     request[RECORD] = record
+    # Each request runs in its own task (own context): every log line it writes carries these.
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=record.request_id)
     metrics = request.app[METRICS]
     metrics.in_flight.inc()
     try:
@@ -74,4 +77,6 @@ def _finish(request: web.Request, record: Record) -> None:
         record.status = 499  # the client went away before an answer
     metrics = request.app[METRICS]
     metrics.requests.labels(record.tenant or "-", record.route or "-", record.decision, str(record.status)).inc()
-    log.info("request", path=request.path, **record.fields())
+    fields = dict(record.fields())
+    structlog.contextvars.unbind_contextvars("request_id", "tenant")
+    log.info("request", path=request.path, **fields)

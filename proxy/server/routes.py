@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from proxy.errors import NotFound, UnsupportedMediaType
 from proxy.server.auth import bearer_key
 from proxy.server.chat import CHAT_PATH, chat_completions, relay_unchanged
-from proxy.server.state import METRICS, POLICIES, READINESS, SETTINGS, TENANTS, UPSTREAMS, record_of
+from proxy.server.state import METRICS, POLICIES, READINESS, SETTINGS, TENANTS, UPSTREAMS, bind_tenant, record_of
 from proxy.upstream.relay import Outgoing
 
 
@@ -37,7 +37,7 @@ async def models(request: web.Request) -> web.StreamResponse:
     chat route's upstream)."""
     record = record_of(request)
     tenant = request.app[TENANTS].identify(request)
-    record.tenant = tenant.name
+    bind_tenant(request, tenant.name)
     policy = request.app[POLICIES].current.get(tenant.policy)
     record.policy = policy.tag
     name = request.app[SETTINGS].server.models_upstream
@@ -71,7 +71,7 @@ async def models(request: web.Request) -> web.StreamResponse:
 async def passthrough(request: web.Request) -> web.StreamResponse:
     record = record_of(request)
     tenant = request.app[TENANTS].identify(request)
-    record.tenant = tenant.name
+    bind_tenant(request, tenant.name)
     policy = request.app[POLICIES].current.get(tenant.policy)
     record.policy = policy.tag
     raw = await request.read()

@@ -67,6 +67,14 @@ class Record:
 RECORD = web.RequestKey("record", Record)
 
 
+def bind_tenant(request: web.Request, tenant: str) -> None:
+    """Record the tenant and bind it into every later log line of this request."""
+    import structlog
+
+    record_of(request).tenant = tenant
+    structlog.contextvars.bind_contextvars(tenant=tenant)
+
+
 def record_of(request: web.Request) -> Record:
     rec = request.get(RECORD)
     if rec is None:

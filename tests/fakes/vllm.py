@@ -1,5 +1,7 @@
-"""A fake vLLM server on 127.0.0.1: `/v1/completions` with token-id prompts and top logprobs,
-computed by a real (tiny) causal LM, so remote scores can be compared with local ones."""
+"""A fake guard server on 127.0.0.1 speaking vLLM's `/v1/completions` (token-id prompts), Ollama's
+`/api/generate` (raw text) and TGI's `/generate` (text), with top logprobs computed by a real (tiny)
+causal LM, so remote scores can be compared with local ones. Text prompts get a BOS added and
+special-token strings parsed, as those servers do."""
 
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ class FakeVLLM:
     async def start(self) -> FakeVLLM:
         app = web.Application()
         app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/api/generate", self._ollama)
+        app.router.add_post("/generate", self._tgi)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -34,7 +38,7 @@ class FakeVLLM:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    def _complete(self, ids: list[int], max_tokens: int, top: int) -> dict[str, Any]:
+    def _run(self, ids: list[int], max_tokens: int, top: int) -> tuple[dict[str, float], str]:
         with torch.inference_mode():
             x = torch.tensor([ids])
             logprobs = torch.log_softmax(self.model(input_ids=x).logits[0, -1].float(), -1)
@@ -42,7 +46,33 @@ class FakeVLLM:
             tokens = self.tokenizer.convert_ids_to_tokens(indices.tolist())
             top_map = {t: float(v) for t, v in zip(tokens, values.tolist(), strict=True)}
             out = self.model.generate(input_ids=x, max_new_tokens=max_tokens, do_sample=False)
-        text = self.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+        return top_map, self.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+
+    def _text_ids(self, text: str) -> list[int]:
+        return [self.tokenizer.bos_token_id, *self.tokenizer(text, add_special_tokens=False).input_ids]
+
+    async def _ollama(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append(body)
+        assert body["raw"] is True
+        top, text = await asyncio.to_thread(
+            self._run, self._text_ids(body["prompt"]), body["options"]["num_predict"], body["top_logprobs"]
+        )
+        first = {"token": "", "logprob": 0.0, "top_logprobs": [{"token": t, "logprob": v} for t, v in top.items()]}
+        return web.json_response({"model": body["model"], "response": text, "done": True, "logprobs": [first]})
+
+    async def _tgi(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append(body)
+        params = body["parameters"]
+        top, text = await asyncio.to_thread(
+            self._run, self._text_ids(body["inputs"]), params["max_new_tokens"], params["top_n_tokens"]
+        )
+        tokens = [{"id": 0, "text": t, "logprob": v, "special": False} for t, v in top.items()]
+        return web.json_response({"generated_text": text, "details": {"top_tokens": [tokens]}})
+
+    def _complete(self, ids: list[int], max_tokens: int, top: int) -> dict[str, Any]:
+        top_map, text = self._run(ids, max_tokens, top)
         return {
             "id": "cmpl-fake",
             "object": "text_completion",
