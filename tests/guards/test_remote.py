@@ -64,7 +64,7 @@ async def test_text_apis_score_like_local(vllm: FakeVLLM, tiny: TinyModels, runn
         family="llama-guard-3-1b",
         backend="openai",
         api=api,
-        base_url=base,  # type: ignore[arg-type]
+        base_url=base,
         model="llama-guard3:1b",
     )
     remote = RemoteLlamaGuard("llama_guard", settings, runner)
