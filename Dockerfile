@@ -7,7 +7,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/models \
     LITELLM_LOCAL_MODEL_COST_MAP=True
 
-RUN groupadd --system proxy && useradd --system --gid proxy --home-dir /app --shell /usr/sbin/nologin proxy
+RUN groupadd --system --gid 10001 proxy \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /app --shell /usr/sbin/nologin proxy
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -17,9 +18,9 @@ COPY config.example.yaml ./config.yaml
 # The CPU wheel of torch; on a GPU host build FROM an image with CUDA and drop the index URL.
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu . \
     && mkdir -p /models /config \
-    && chown -R proxy:proxy /models /app
+    && chown -R 10001:10001 /models /app
 
-USER proxy
+USER 10001:10001
 VOLUME ["/models"]
 EXPOSE 8080
 

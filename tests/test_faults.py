@@ -120,6 +120,15 @@ async def test_upstream_error_status_relayed_unchanged(start_proxy: Any, status:
     assert info.value.response.content == proxy.upstream.error_body
 
 
+async def test_upstream_non_json_reply_is_502(start_proxy: Any) -> None:
+    async with start_proxy() as proxy:
+        proxy.upstream.mode = "garbage"
+        with pytest.raises(openai.APIStatusError) as info:
+            await proxy.client().chat.completions.create(model="m", messages=GOOD)
+    assert info.value.status_code == 502
+    assert b"html" not in info.value.response.content
+
+
 async def test_upstream_unreachable_is_502(start_proxy: Any) -> None:
     async with start_proxy(upstreams={"default": {"base_url": "http://127.0.0.1:9/v1"}}) as proxy:
         with pytest.raises(openai.APIStatusError) as info:

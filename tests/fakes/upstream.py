@@ -93,6 +93,8 @@ class FakeUpstream:
                 await asyncio.sleep(self.delay_s)
             if self.mode == "status":
                 return web.Response(status=self.error_status, body=self.error_body, content_type="application/json")
+            if self.mode == "garbage":
+                return web.Response(body=b"<html>not json</html>", content_type="application/json")
             if body.get("stream"):
                 return await self._stream(request, body)
             payload = json.dumps(self.completion(body)).encode()
