@@ -8,15 +8,12 @@ turn). One evaluation gives the last position's logits; the score is P(unsafe) a
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 from proxy.guards.guard import ConversationScore, GuardError, Taxonomy, Turn
-from proxy.guards.llama_guard_prompt import FAMILIES, Special, Text, build, merge_text
+from proxy.guards.llama_guard_prompt import FAMILIES, Special, Text, build, merge_text, read_categories, read_verdict
 from proxy.guards.runner import GuardRunner
 from proxy.settings import GuardSettings
-
-CODE = re.compile(r"\b([A-Z]\d{1,3})\b")
 
 
 def softmax_at(logits: Any, ids: list[int]) -> float:
@@ -92,15 +89,9 @@ class _Model:
     def score(self, turns: list[Turn], taxonomy: Taxonomy, categories_from: float) -> ConversationScore:
         ids = self.encode(turns, taxonomy)
         logits = self._next_logits(ids)
-        unsafe = softmax_at(logits, self.unsafe_ids)
-        safe = softmax_at(logits, self.safe_ids)
-        mass = safe + unsafe
-        if mass < self.settings.min_mass:
-            raise GuardError(
-                f"P(safe)+P(unsafe) is {mass:.3f} < {self.settings.min_mass}: the prompt does not "
-                f"match the {self.family.name} format"
-            )
-        binary = unsafe / mass
+        unsafe, binary, mass = read_verdict(
+            self.family, softmax_at(logits, self.safe_ids), softmax_at(logits, self.unsafe_ids), self.settings.min_mass
+        )
         if max(unsafe, binary) < categories_from:
             return ConversationScore(unsafe, binary, mass)
         generated: list[int] = []
@@ -113,9 +104,8 @@ class _Model:
             self.llm.eval([token])
             logits = self._last_logits()
         text = self.llm.detokenize(generated).decode("utf-8", errors="replace")
-        codes = tuple(dict.fromkeys(CODE.findall(text.strip().split("\n\n")[0])))
-        kept = tuple(c for c in codes if c not in taxonomy.excluded)
-        return ConversationScore(unsafe, binary, mass, categories=kept, all_excluded=bool(codes) and not kept)
+        kept, all_excluded = read_categories(text, taxonomy)
+        return ConversationScore(unsafe, binary, mass, categories=kept, all_excluded=all_excluded)
 
 
 class GGUFLlamaGuard:

@@ -10,17 +10,14 @@ greedy continuation after a forced `unsafe` token, only for conversations scorin
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from proxy.guards.guard import ConversationScore, GuardError, Taxonomy, Turn
 from proxy.guards.hub import explain, load_kwargs, pick_dtype, quiet_transformers
-from proxy.guards.llama_guard_prompt import FAMILIES, Family, Special, Text, build, merge_text
+from proxy.guards.llama_guard_prompt import FAMILIES, Family, build, encode_hf, read_categories, read_verdict
 from proxy.guards.runner import GuardRunner
 from proxy.settings import GuardSettings
-
-CODE = re.compile(r"\b([A-Z]\d{1,3})\b")
 
 
 @dataclass(frozen=True)
@@ -81,18 +78,7 @@ class _Model:
         return sorted(set(ids))
 
     def encode(self, turns: list[Turn], taxonomy: Taxonomy) -> list[int]:
-        ids: list[int] = []
-        for piece in merge_text(build(self.family, turns, taxonomy)):
-            if isinstance(piece, Special):
-                ids.append(self.tokenizer.convert_tokens_to_ids(piece.token))
-            elif isinstance(piece, Text):
-                # Special-token strings in the text stay plain text: a user cannot forge a turn.
-                ids.extend(
-                    self.tokenizer(
-                        piece.text, add_special_tokens=False, split_special_tokens=True, verbose=False
-                    ).input_ids
-                )
-        return ids
+        return encode_hf(build(self.family, turns, taxonomy), self.tokenizer)
 
     def _batch(self, sequences: list[list[int]]) -> tuple[Any, Any, Any]:
         torch = self.torch
@@ -121,17 +107,13 @@ class _Model:
         results: list[ConversationScore | Exception] = []
         want = []
         for row, item in enumerate(items):
-            unsafe, safe = float(p_unsafe[row]), float(p_safe[row])
-            mass = unsafe + safe
-            if mass < self.settings.min_mass:
-                results.append(
-                    GuardError(
-                        f"P(safe)+P(unsafe) is {mass:.3f} < {self.settings.min_mass}: the prompt "
-                        f"does not match the {self.family.name} format"
-                    )
+            try:
+                unsafe, binary, mass = read_verdict(
+                    self.family, float(p_safe[row]), float(p_unsafe[row]), self.settings.min_mass
                 )
+            except GuardError as exc:
+                results.append(exc)
                 continue
-            binary = unsafe / mass if mass > 0 else 0.0
             results.append(ConversationScore(score=unsafe, score_binary=binary, mass=mass))
             if max(unsafe, binary) >= item.categories_from:
                 want.append(row)
@@ -160,13 +142,11 @@ class _Model:
             )
         for k, row in enumerate(rows):
             text = self.tokenizer.decode(out[k, ids.shape[1] :], skip_special_tokens=True)
-            codes = tuple(dict.fromkeys(CODE.findall(text.split("\n\n")[0])))
-            excluded = items[row].taxonomy.excluded
-            kept = tuple(c for c in codes if c not in excluded)
+            kept, all_excluded = read_categories(text, items[row].taxonomy)
             prev = results[row]
             assert isinstance(prev, ConversationScore)
             results[row] = ConversationScore(
-                prev.score, prev.score_binary, prev.mass, categories=kept, all_excluded=bool(codes) and not kept
+                prev.score, prev.score_binary, prev.mass, categories=kept, all_excluded=all_excluded
             )
 
 

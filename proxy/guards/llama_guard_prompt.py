@@ -9,10 +9,12 @@ the verdict itself (its probability is the score).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Any
 
 from proxy.guards.categories import LG1_CATEGORIES, LG2_CATEGORIES, LG3_CATEGORIES
-from proxy.guards.guard import Category, Taxonomy, Turn
+from proxy.guards.guard import Category, GuardError, Taxonomy, Turn
 
 
 @dataclass(frozen=True)
@@ -215,3 +217,38 @@ def merge_text(pieces: list[Piece]) -> list[Piece]:
         elif not (isinstance(piece, Text) and not piece.text):
             out.append(piece)
     return out
+
+
+def encode_hf(pieces: list[Piece], tokenizer: Any) -> list[int]:
+    """Token ids with a Hugging Face tokenizer: special tokens by name, text with special-token
+    parsing off, so a user who types `<|eot_id|>` cannot close the turn or forge a verdict."""
+    ids: list[int] = []
+    for piece in merge_text(pieces):
+        if isinstance(piece, Special):
+            ids.append(tokenizer.convert_tokens_to_ids(piece.token))
+        else:
+            ids.extend(
+                tokenizer(piece.text, add_special_tokens=False, split_special_tokens=True, verbose=False).input_ids
+            )
+    return ids
+
+
+CODE = re.compile(r"\b([A-Z]\d{1,3})\b")
+
+
+def read_verdict(family: Family, p_safe: float, p_unsafe: float, min_mass: float) -> tuple[float, float, float]:
+    """(score, binary score, mass) from the first-token probabilities; a mass under `min_mass`
+    means the prompt is not in the family's format: an error, never a verdict."""
+    mass = p_safe + p_unsafe
+    if mass < min_mass:
+        raise GuardError(
+            f"P(safe)+P(unsafe) is {mass:.3f} < {min_mass}: the prompt does not match the {family.name} format"
+        )
+    return p_unsafe, p_unsafe / mass, mass
+
+
+def read_categories(continuation: str, taxonomy: Taxonomy) -> tuple[tuple[str, ...], bool]:
+    """(codes named after `unsafe`, excluded ones removed; True if every named code is excluded)."""
+    codes = tuple(dict.fromkeys(CODE.findall(continuation.strip().split("\n\n")[0])))
+    kept = tuple(c for c in codes if c not in taxonomy.excluded)
+    return kept, bool(codes) and not kept

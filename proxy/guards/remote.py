@@ -9,18 +9,16 @@ llama.cpp, Ollama and TGI get the text without BOS, because those servers add it
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import aiohttp
 
 from proxy.guards.guard import ConversationScore, GuardError, Taxonomy, Turn
 from proxy.guards.hub import explain, load_kwargs, quiet_transformers
-from proxy.guards.llama_guard_prompt import FAMILIES, Special, Text, build, merge_text, render
+from proxy.guards.llama_guard_prompt import FAMILIES, build, encode_hf, read_categories, read_verdict, render
 from proxy.guards.runner import GuardRunner
 from proxy.settings import GuardSettings, resolve_secret
 
-CODE = re.compile(r"\b([A-Z]\d{1,3})\b")
 TOP = 20
 
 
@@ -73,17 +71,8 @@ class RemoteLlamaGuard:
             raise explain(self.name, source, exc) from exc
 
     def _ids(self, turns: list[Turn], taxonomy: Taxonomy) -> list[int]:
-        out: list[int] = []
-        for piece in merge_text(build(self.family, turns, taxonomy)):
-            if isinstance(piece, Special):
-                out.append(self._tokenizer.convert_tokens_to_ids(piece.token))
-            elif isinstance(piece, Text):
-                out.extend(
-                    self._tokenizer(
-                        piece.text, add_special_tokens=False, split_special_tokens=True, verbose=False
-                    ).input_ids
-                )
-        return out
+        ids: list[int] = encode_hf(build(self.family, turns, taxonomy), self._tokenizer)
+        return ids
 
     def _text(self, turns: list[Turn], taxonomy: Taxonomy) -> str:
         """The prompt text without its BOS (the server adds one). Text servers parse special-token
@@ -153,14 +142,7 @@ class RemoteLlamaGuard:
             top, _ = await self._first_token(prompt, 1)
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise GuardError(f"guard {self.name!r}: unexpected reply shape from {self.settings.api}") from exc
-        safe, unsafe = verdict_probs(top)
-        mass = safe + unsafe
-        if mass < self.settings.min_mass:
-            raise GuardError(
-                f"P(safe)+P(unsafe) is {mass:.3f} < {self.settings.min_mass}: the prompt does not "
-                f"match the {self.family.name} format, or the server returned too few logprobs"
-            )
-        binary = unsafe / mass
+        unsafe, binary, mass = read_verdict(self.family, *verdict_probs(top), self.settings.min_mass)
         categories: tuple[str, ...] = ()
         all_excluded = False
         if max(unsafe, binary) >= categories_from:
@@ -170,7 +152,5 @@ class RemoteLlamaGuard:
                 else prompt + "unsafe"
             )
             _, text = await self._first_token(continued, self.settings.max_new_tokens)
-            codes = tuple(dict.fromkeys(CODE.findall(text.strip().split("\n\n")[0])))
-            categories = tuple(c for c in codes if c not in taxonomy.excluded)
-            all_excluded = bool(codes) and not categories
+            categories, all_excluded = read_categories(text, taxonomy)
         return ConversationScore(unsafe, binary, mass, categories=categories, all_excluded=all_excluded)

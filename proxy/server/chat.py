@@ -264,18 +264,11 @@ async def relay_json(
         upstream_failed(request, record, "malformed")
         raise UpstreamError("The upstream returned a malformed chat completion.") from exc
     replies = [Reply(c.index, reply_text(c.message)) for c in completion.choices]
-    verdicts = await screen_output(request, route, chat, replies)
-    if request.app[SETTINGS].server.log_content:
-        record.completion = [r.text for r in replies]
-    overall = combine(verdict_in, *verdicts.values())
-    blocked = {i for i, v in verdicts.items() if v.blocked}
-    if any(v.guard_failed for v in verdicts.values()):
-        raise guard_failure(overall)
+    blocked, failure = await decide_output(request, route, chat, replies, verdict_in)
+    if failure is not None:
+        raise failure
     if not blocked:
         return relay_unchanged(200, body, upstream_headers, headers, record.decision)
-    if route.on_block == "error":
-        err = violation(overall)
-        return web.json_response(err.body(), status=err.status, headers={**headers, "x-guardrail-decision": "block"})
     replaced = replace_choices(completion_json, blocked, route.refusal)
     return web.json_response(replaced, headers={**headers, "x-guardrail-decision": "block"})
 
@@ -325,15 +318,24 @@ async def finish_stream(
     held: Any,
     verdict_in: Verdict,
 ) -> web.StreamResponse:
-    record = record_of(request)
-    replies = held.replies()
+    blocked, failure = await decide_output(request, route, chat, held.replies(), verdict_in)
+    if failure is not None:
+        return await held_response.send_error(failure)
+    return await held_response.send(replay(held, blocked, route.refusal), record_of(request).decision)
+
+
+async def decide_output(
+    request: web.Request, route: RouteSettings, chat: ChatRequest, replies: list[Reply], verdict_in: Verdict
+) -> tuple[set[int], ProxyError | None]:
+    """Screen every reply choice: (indexes of blocked choices, or the error the client must get:
+    503 when a guard failed and the policy blocks on that, 400 when blocked with on_block: error)."""
     verdicts = await screen_output(request, route, chat, replies)
     if request.app[SETTINGS].server.log_content:
-        record.completion = [r.text for r in replies]
+        record_of(request).completion = [r.text for r in replies]
     overall = combine(verdict_in, *verdicts.values())
     if any(v.guard_failed for v in verdicts.values()):
-        return await held_response.send_error(guard_failure(overall))
+        return set(), guard_failure(overall)
     blocked = {i for i, v in verdicts.items() if v.blocked}
     if blocked and route.on_block == "error":
-        return await held_response.send_error(violation(overall))
-    return await held_response.send(replay(held, blocked, route.refusal), record.decision)
+        return blocked, violation(overall)
+    return blocked, None
