@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import aiohttp
 import structlog
 from aiohttp import web
 
 from proxy.guards.guard import Guard, TextGuard
+from proxy.guards.loading import GuardSet
 from proxy.observability import Metrics
 from proxy.policy.store import GuardKind, PolicyContext, PolicyStore
 from proxy.server.auth import Tenants
@@ -52,7 +53,7 @@ def build_app(
     return app
 
 
-def _lifecycle(guards_injected: bool, upstreams_injected: bool):  # type: ignore[no-untyped-def]
+def _lifecycle(guards_injected: bool, upstreams_injected: bool) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
         session = aiohttp.ClientSession(auto_decompress=True)
@@ -73,50 +74,44 @@ def _lifecycle(guards_injected: bool, upstreams_injected: bool):  # type: ignore
             )
         watcher = asyncio.create_task(app[POLICIES].watch())
         app[METRICS].policy_reload_failures.set_function(lambda: app[POLICIES].reload_failures)
-        loader: asyncio.Task[None] | None = None
-        guard_set = None
-        if guards_injected:
-            app[READINESS].ready = True
-        else:
-            from proxy.guards.loading import GuardSet
-
-            guard_set = GuardSet(settings)
-            for runner in guard_set.runner_list:
-                depth = app[METRICS].queue_depth.labels(runner.device)
-                depth.set_function(lambda r=runner: float(r.queue_depth))  # type: ignore[misc]
-            loader = asyncio.create_task(_load(app, guard_set))
+        guard_set = None if guards_injected else GuardSet(settings)
+        loader = _start_guards(app, guard_set)
         try:
             yield
         finally:
-            watcher.cancel()
-            if loader is not None:
-                loader.cancel()
             for task in (watcher, loader):
                 if task is not None:
+                    task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
             if guard_set is not None:
-                await guard_set.close()
-                for runner in guard_set.runner_list:
-                    await runner.stop()
+                await guard_set.stop()
             await session.close()
 
     return lifecycle
 
 
-async def _load(app: web.Application, guard_set: object) -> None:
-    from proxy.guards.loading import GuardSet
+def _start_guards(app: web.Application, guard_set: GuardSet | None) -> asyncio.Task[None] | None:
+    """Injected guards are ready at once; configured ones load in the background (/readyz waits)."""
+    if guard_set is None:
+        app[READINESS].ready = True
+        return None
+    for runner in guard_set.runner_list:
+        depth = app[METRICS].queue_depth.labels(runner.device)
+        depth.set_function(lambda r=runner: float(r.queue_depth))  # type: ignore[misc]
+    return asyncio.create_task(_load(app, guard_set))
 
-    assert isinstance(guard_set, GuardSet)
+
+async def _load(app: web.Application, guard_set: GuardSet) -> None:
     try:
-        app[GUARDS].update(await guard_set.load())
+        loaded = await guard_set.load()
     except Exception as exc:
         app[READINESS].error = str(exc)
         log.error("guards_failed_to_load", error=str(exc))
         return
+    app[GUARDS].update(loaded)
     app[READINESS].ready = True
-    guards = app[GUARDS]
-    log.info("guards_ready", guards=sorted(guards))
+    log.info("guards_ready", guards=sorted(loaded))
 
 
 def build_upstreams(settings: Settings, session: aiohttp.ClientSession) -> dict[str, Upstream]:

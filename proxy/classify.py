@@ -101,6 +101,4 @@ async def classify(args: argparse.Namespace, out: TextIO) -> int:
             worst = max(worst, {"allow": 0, "flag": 0, "block": 2}[verdict.decision])
         return worst
     finally:
-        await guard_set.close()
-        for runner in guard_set.runner_list:
-            await runner.stop()
+        await guard_set.stop()

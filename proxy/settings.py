@@ -84,6 +84,9 @@ class GuardSettings(Strict):
     revision: str | None = None
     device: str = "cpu"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    forward_batch: int = Field(
+        default=8, ge=1, description="most sequences (windows, prompts) in one forward pass; more is memory-bound"
+    )
     # Prompt Guard
     window_tokens: int = Field(default=512, ge=8, le=512)
     window_overlap_tokens: int = Field(default=128, ge=0)

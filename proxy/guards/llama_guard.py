@@ -91,26 +91,29 @@ class _Model:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return ids.to(self.device), mask.to(self.device), positions.to(self.device)
 
-    def score(self, items: list[_Item]) -> list[ConversationScore | Exception]:
+    def _first_token(self, sequences: list[list[int]]) -> tuple[list[float], list[float]]:
+        """P(safe), P(unsafe) of the next token after each prompt (one forward pass, float32 softmax)."""
         torch = self.torch
-        sequences = [self.encode(list(item.turns), item.taxonomy) for item in items]
         with torch.inference_mode():
             ids, mask, positions = self._batch(sequences)
-            logits = (
-                self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
-                .logits[:, -1, :]
-                .float()
-            )
-            probs = torch.softmax(logits, dim=-1)
-            p_unsafe = probs[:, self.unsafe_ids].sum(-1)
-            p_safe = probs[:, self.safe_ids].sum(-1)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+            probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1)
+            return probs[:, self.safe_ids].sum(-1).tolist(), probs[:, self.unsafe_ids].sum(-1).tolist()
+
+    def score(self, items: list[_Item]) -> list[ConversationScore | Exception]:
+        sequences = [self.encode(list(item.turns), item.taxonomy) for item in items]
+        chunk = self.settings.forward_batch
+        p_safe: list[float] = []
+        p_unsafe: list[float] = []
+        for start in range(0, len(sequences), chunk):
+            chunk_safe, chunk_unsafe = self._first_token(sequences[start : start + chunk])
+            p_safe += chunk_safe
+            p_unsafe += chunk_unsafe
         results: list[ConversationScore | Exception] = []
         want = []
         for row, item in enumerate(items):
             try:
-                unsafe, binary, mass = read_verdict(
-                    self.family, float(p_safe[row]), float(p_unsafe[row]), self.settings.min_mass
-                )
+                unsafe, binary, mass = read_verdict(self.family, p_safe[row], p_unsafe[row], self.settings.min_mass)
             except GuardError as exc:
                 results.append(exc)
                 continue
@@ -121,17 +124,10 @@ class _Model:
             self._add_categories(items, sequences, results, want)
         return results
 
-    def _add_categories(
-        self,
-        items: list[_Item],
-        sequences: list[list[int]],
-        results: list[ConversationScore | Exception],
-        rows: list[int],
-    ) -> None:
-        torch = self.torch
-        forced = [sequences[r] + [self.unsafe_ids[0]] for r in rows]
-        ids, mask, _ = self._batch(forced)
-        with torch.inference_mode():
+    def _continue(self, prompts: list[list[int]]) -> list[str]:
+        """Greedy continuations (at most max_new_tokens, stopping at the family's stop tokens)."""
+        ids, mask, _ = self._batch(prompts)
+        with self.torch.inference_mode():
             out = self.model.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -140,8 +136,21 @@ class _Model:
                 eos_token_id=self.stop_ids,
                 pad_token_id=self.pad_id,
             )
-        for k, row in enumerate(rows):
-            text = self.tokenizer.decode(out[k, ids.shape[1] :], skip_special_tokens=True)
+        return [self.tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in out]
+
+    def _add_categories(
+        self,
+        items: list[_Item],
+        sequences: list[list[int]],
+        results: list[ConversationScore | Exception],
+        rows: list[int],
+    ) -> None:
+        texts: list[str] = []
+        for start in range(0, len(rows), self.settings.forward_batch):
+            texts += self._continue(
+                [[*sequences[r], self.unsafe_ids[0]] for r in rows[start : start + self.settings.forward_batch]]
+            )
+        for row, text in zip(rows, texts, strict=True):
             kept, all_excluded = read_categories(text, items[row].taxonomy)
             prev = results[row]
             assert isinstance(prev, ConversationScore)

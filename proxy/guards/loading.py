@@ -56,8 +56,11 @@ class GuardSet:
                 await load()
         return self.guards
 
-    async def close(self) -> None:
+    async def stop(self) -> None:
+        """Close remote sessions, then stop the worker threads."""
         for guard in self.guards.values():
             close = getattr(guard, "close", None)
             if close is not None:
                 await close()
+        for runner in self.runner_list:
+            await runner.stop()

@@ -103,6 +103,20 @@ class _Model:
             text = normalize_whitespace(text, self.tokenizer.tokenize)
         return list(self.tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
 
+    def _forward(self, wins: list[list[int]]) -> Any:
+        """Class probabilities for windows (CLS + ids + SEP), padded to the longest of them."""
+        torch = self.torch
+        width = max(len(w) for w in wins) + 2
+        ids = torch.full((len(wins), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(wins), width), dtype=torch.long)
+        for row, win in enumerate(wins):
+            seq = [self.cls, *win, self.sep]
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device)).logits
+            return torch.softmax(logits.float() / self.settings.temperature, dim=-1).cpu()
+
     def score(self, items: list[_Item]) -> list[list[TextScore] | Exception]:
         torch = self.torch
         size = self.settings.window_tokens - 2
@@ -120,16 +134,12 @@ class _Model:
                 plan.extend((i, j, w) for w in wins)
         if not plan:
             return results
-        width = max(len(w) for _, _, w in plan) + 2
-        ids = torch.full((len(plan), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(plan), width), dtype=torch.long)
-        for row, (_, _, win) in enumerate(plan):
-            seq = [self.cls, *win, self.sep]
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-        with torch.inference_mode():
-            logits = self.model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device)).logits
-            probs = torch.softmax(logits.float() / self.settings.temperature, dim=-1).cpu()
+        probs = torch.cat(
+            [
+                self._forward([w for _, _, w in plan[start : start + self.settings.forward_batch]])
+                for start in range(0, len(plan), self.settings.forward_batch)
+            ]
+        )
         best: dict[tuple[int, int], tuple[float, int]] = {}
         for row, (i, j, _) in enumerate(plan):
             source = items[i].texts[j].source

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from proxy.guards.guard import GuardError, Taxonomy, Turn
@@ -97,3 +99,11 @@ async def test_missing_model_fails_with_one_clear_message(runner: GuardRunner) -
     message = str(info.value)
     assert "meta-llama/Llama-Guard-3-1B" in message
     assert "Fix:" in message
+
+
+async def test_forward_batch_chunks_give_the_same_scores(tiny: TinyModels, runner: GuardRunner) -> None:
+    small = await load_llama_guard(tiny.lg3, runner, forward_batch=1)
+    convs = [UNSAFE, SAFE, [*SAFE, Turn("Agent", "with poison")]]
+    results = await asyncio.gather(*(small.score_conversation(c, Taxonomy()) for c in convs))
+    assert [r.score > 0.99 for r in results] == [True, False, True]
+    assert [r.categories for r in results] == [("S1",), (), ("S1",)]

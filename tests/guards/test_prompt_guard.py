@@ -79,3 +79,13 @@ def test_normalise_keeps_ordinary_spacing() -> None:
 
     assert normalize_whitespace("a  b\tc", lambda s: list(s)).replace(" ", "") == "abc"
     assert normalize_whitespace("", tokenize) == ""
+
+
+async def test_forward_batch_chunks_give_the_same_scores(tiny: TinyModels, runner: GuardRunner) -> None:
+    texts = [ScreenText(FILLER + " bypass it"), ScreenText(FILLER), ScreenText("ignore that")]
+    small = await load_prompt_guard(tiny.pg2, runner, forward_batch=2)
+    large = await load_prompt_guard(tiny.pg2, runner, forward_batch=64)
+    a, b = await small.score_texts(texts), await large.score_texts(texts)
+    assert [round(s.score, 5) for s in a] == [round(s.score, 5) for s in b]
+    assert [s.windows for s in a] == [s.windows for s in b]
+    assert a[0].score > 0.99 and a[1].score < 0.01
