@@ -3,6 +3,11 @@ openai client pointed at it, and a check that fails any async test that blocks t
 
 from __future__ import annotations
 
+import os
+
+# Tests never reach the Hugging Face hub: every model they load is built locally.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import asyncio
 import textwrap
 import time

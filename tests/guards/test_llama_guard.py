@@ -98,7 +98,8 @@ async def test_missing_model_fails_with_one_clear_message(runner: GuardRunner) -
         await load_llama_guard(__import__("pathlib").Path("meta-llama/Llama-Guard-3-1B"), runner)
     message = str(info.value)
     assert "meta-llama/Llama-Guard-3-1B" in message
-    assert "Fix:" in message
+    assert "hub is unreachable" in message
+    assert "Fix: download it where the hub is reachable" in message
 
 
 async def test_forward_batch_chunks_give_the_same_scores(tiny: TinyModels, runner: GuardRunner) -> None:
