@@ -130,3 +130,20 @@ async def test_unknown_path_has_openai_error_shape(start_proxy: Any) -> None:
     ):
         assert resp.status == 404
         assert set((await resp.json())["error"]) >= {"message", "type", "param", "code"}
+
+
+async def test_route_renames_the_model_and_changes_nothing_else(start_proxy: Any) -> None:
+    from tests.conftest import DEFAULT_POLICY
+
+    policy = DEFAULT_POLICY.replace(
+        'match: {path: /v1/chat/completions, model: "*"}',
+        'match: {path: /v1/chat/completions, model: "*"}\n    rename_model: vendor/model-x',
+    )
+    async with start_proxy(policies={"default": policy}) as proxy:
+        await proxy.client().chat.completions.create(model="alias", messages=MESSAGES, seed=3, extra_body={"k": [1]})
+    assert proxy.upstream.chat_requests[0].json == {
+        "model": "vendor/model-x",
+        "messages": MESSAGES,
+        "seed": 3,
+        "k": [1],
+    }
