@@ -151,7 +151,8 @@ async def bench_model(
         if kind == "pg2":
             guard: Any = PromptGuard("pg2", GuardSettings(family="prompt-guard-2", model=str(path)), runner)
         else:
-            guard = LlamaGuard("lg3", GuardSettings(family="llama-guard-3-1b", model=str(path)), runner)
+            # min_mass 0: random weights put no mass on safe/unsafe (a real model would be refused otherwise)
+            guard = LlamaGuard("lg3", GuardSettings(family="llama-guard-3-1b", model=str(path), min_mass=0.0), runner)
         await guard.load()
         tokenizer = guard._model.tokenizer
         for length in lengths:
@@ -228,10 +229,13 @@ async def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--lg-long-max-concurrency", type=int, default=8)
     parser.add_argument("--out", type=Path, default=None, help="write the markdown table here")
+    parser.add_argument("--rows", type=Path, default=None, help="JSON lines of earlier rows to include in the table")
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     concurrencies = [int(x) for x in args.concurrency.split(",")]
     rows: list[dict[str, Any]] = []
+    if args.rows:
+        rows += [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "pg2"):
             rows += await bench_model("pg2", make_pg2_22m(Path(tmp) / "pg2"), lengths, concurrencies, 10**6)
