@@ -45,6 +45,8 @@ LLAMA4_SPECIAL = [
     "<|image_start|>",
     "<|image_end|>",
     "<|patch|>",
+    "<|tile_x_separator|>",
+    "<|tile_y_separator|>",
 ]
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"

@@ -70,6 +70,10 @@ class _Model:
                 ids.append(self._special(piece.token))
             elif isinstance(piece, Text):
                 ids.extend(self.llm.tokenize(piece.text.encode(), add_bos=False, special=False))
+            else:
+                raise GuardError(
+                    f"guard {self.name!r}: GGUF guards cannot screen images (use the transformers backend)"
+                )
         return ids
 
     def _last_logits(self) -> Any:
@@ -126,8 +130,7 @@ class GGUFLlamaGuard:
         model = self._model
         if model is None:
             raise GuardError(f"guard {self.name!r} is not loaded")
-        text_turns = [Turn(t.speaker, t.text) for t in turns]
-        return await self.runner.call(lambda: model.score(text_turns, taxonomy, categories_from))
+        return await self.runner.call(lambda: model.score(turns, taxonomy, categories_from))
 
     async def encode(self, turns: list[Turn], taxonomy: Taxonomy) -> list[int]:
         model = self._model

@@ -77,8 +77,17 @@ class _Model:
                 ids.append(encoded[0])
         return sorted(set(ids))
 
-    def encode(self, turns: list[Turn], taxonomy: Taxonomy) -> list[int]:
-        return encode_hf(build(self.family, turns, taxonomy), self.tokenizer)
+    def encode(self, turns: list[Turn], taxonomy: Taxonomy, pixels: list[Any] | None = None) -> list[int]:
+        return encode_hf(build(self.family, turns, taxonomy), self.tokenizer, pixels)
+
+    def _pixel_values(self, per_sequence: list[list[Any]]) -> Any:
+        """The tiles of every image in the batch, in the order their tokens appear (row by row)."""
+        tiles = [tile for images in per_sequence for image in images for tile in image]
+        if not tiles:
+            return None
+        import numpy as np
+
+        return self.torch.from_numpy(np.stack(tiles)).to(self.device, dtype=self.model.dtype)
 
     def _batch(self, sequences: list[list[int]]) -> tuple[Any, Any, Any]:
         torch = self.torch
@@ -91,22 +100,27 @@ class _Model:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return ids.to(self.device), mask.to(self.device), positions.to(self.device)
 
-    def _first_token(self, sequences: list[list[int]]) -> tuple[list[float], list[float]]:
+    def _first_token(self, sequences: list[list[int]], pixels: list[list[Any]]) -> tuple[list[float], list[float]]:
         """P(safe), P(unsafe) of the next token after each prompt (one forward pass, float32 softmax)."""
         torch = self.torch
+        images = self._pixel_values(pixels)
+        extra = {"pixel_values": images} if images is not None else {}
         with torch.inference_mode():
             ids, mask, positions = self._batch(sequences)
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1, **extra)
             probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1)
             return probs[:, self.safe_ids].sum(-1).tolist(), probs[:, self.unsafe_ids].sum(-1).tolist()
 
     def score(self, items: list[_Item]) -> list[ConversationScore | Exception]:
-        sequences = [self.encode(list(item.turns), item.taxonomy) for item in items]
+        pixels: list[list[Any]] = [[] for _ in items]
+        sequences = [self.encode(list(item.turns), item.taxonomy, pixels[i]) for i, item in enumerate(items)]
         chunk = self.settings.forward_batch
         p_safe: list[float] = []
         p_unsafe: list[float] = []
         for start in range(0, len(sequences), chunk):
-            chunk_safe, chunk_unsafe = self._first_token(sequences[start : start + chunk])
+            chunk_safe, chunk_unsafe = self._first_token(
+                sequences[start : start + chunk], pixels[start : start + chunk]
+            )
             p_safe += chunk_safe
             p_unsafe += chunk_unsafe
         results: list[ConversationScore | Exception] = []
@@ -121,14 +135,17 @@ class _Model:
             if max(unsafe, binary) >= item.categories_from:
                 want.append(row)
         if want:
-            self._add_categories(items, sequences, results, want)
+            self._add_categories(items, sequences, pixels, results, want)
         return results
 
-    def _continue(self, prompts: list[list[int]]) -> list[str]:
+    def _continue(self, prompts: list[list[int]], pixels: list[list[Any]]) -> list[str]:
         """Greedy continuations (at most max_new_tokens, stopping at the family's stop tokens)."""
         ids, mask, _ = self._batch(prompts)
+        images = self._pixel_values(pixels)
+        extra = {"pixel_values": images} if images is not None else {}
         with self.torch.inference_mode():
             out = self.model.generate(
+                **extra,
                 input_ids=ids,
                 attention_mask=mask,
                 max_new_tokens=self.settings.max_new_tokens,
@@ -142,14 +159,14 @@ class _Model:
         self,
         items: list[_Item],
         sequences: list[list[int]],
+        pixels: list[list[Any]],
         results: list[ConversationScore | Exception],
         rows: list[int],
     ) -> None:
         texts: list[str] = []
         for start in range(0, len(rows), self.settings.forward_batch):
-            texts += self._continue(
-                [[*sequences[r], self.unsafe_ids[0]] for r in rows[start : start + self.settings.forward_batch]]
-            )
+            batch = rows[start : start + self.settings.forward_batch]
+            texts += self._continue([[*sequences[r], self.unsafe_ids[0]] for r in batch], [pixels[r] for r in batch])
         for row, text in zip(rows, texts, strict=True):
             kept, all_excluded = read_categories(text, items[row].taxonomy)
             prev = results[row]
@@ -181,17 +198,14 @@ class LlamaGuard:
     ) -> ConversationScore:
         if self._model is None:
             raise GuardError(f"guard {self.name!r} is not loaded")
-        if any(t.images for t in turns) and not self.family.multimodal:
-            turns = [Turn(t.speaker, t.text) for t in turns]
-        if any(t.images for t in turns):
-            raise GuardError(f"guard {self.name!r}: image screening is not supported by the transformers backend yet")
+        # Text-only families never see images (their prompts have no place for one); LG4 gets the tiles.
         item = _Item(tuple(turns), taxonomy, categories_from)
         (result,) = await self.runner.submit(self._run, [item], key=(id(self), "score"))
         if isinstance(result, Exception):
             raise result
         return result
 
-    def encode(self, turns: list[Turn], taxonomy: Taxonomy) -> list[int]:
-        """Token ids of the prompt (for tests and the classify command); runner thread or loaded model only."""
+    def encode(self, turns: list[Turn], taxonomy: Taxonomy, pixels: list[Any] | None = None) -> list[int]:
+        """Token ids of the prompt (tests and tools); `pixels` receives the images' tiles."""
         assert self._model is not None
-        return self._model.encode(turns, taxonomy)
+        return self._model.encode(turns, taxonomy, pixels if pixels is not None else [])

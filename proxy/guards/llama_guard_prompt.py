@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.guards.categories import LG1_CATEGORIES, LG2_CATEGORIES, LG3_CATEGORIES
-from proxy.guards.guard import Category, GuardError, Taxonomy, Turn
+from proxy.guards.guard import Category, GuardError, Image, Taxonomy, Turn
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,14 @@ class Text:
     text: str
 
 
-Piece = Special | Text
+@dataclass(frozen=True)
+class ImageSlot:
+    """Where an image goes (LG4): `<|image|>` in the rendered text, its tiles' tokens in the ids."""
+
+    image: Image
+
+
+Piece = Special | Text | ImageSlot
 
 INSTRUCTION_LAST = (
     "Provide your safety assessment for ONLY THE LAST {role} message in the above conversation:\n"
@@ -168,7 +175,7 @@ def conversation_pieces(family: Family, turns: list[Turn]) -> list[Piece]:
     for turn in turns:
         pieces.append(Text(f"{turn.speaker}: "))
         if family.multimodal:
-            pieces.extend(Special(IMAGE_TOKEN) for _ in turn.images)
+            pieces.extend(ImageSlot(image) for image in turn.images)
         pieces.append(Text(neutralise(family, turn.text) + family.turn_end))
     return pieces
 
@@ -205,7 +212,9 @@ def build(family: Family, turns: list[Turn], taxonomy: Taxonomy) -> list[Piece]:
 
 
 def render(pieces: list[Piece]) -> str:
-    return "".join(p.token if isinstance(p, Special) else p.text for p in pieces)
+    return "".join(
+        p.token if isinstance(p, Special) else IMAGE_TOKEN if isinstance(p, ImageSlot) else p.text for p in pieces
+    )
 
 
 def merge_text(pieces: list[Piece]) -> list[Piece]:
@@ -219,18 +228,34 @@ def merge_text(pieces: list[Piece]) -> list[Piece]:
     return out
 
 
-def encode_hf(pieces: list[Piece], tokenizer: Any) -> list[int]:
+def encode_hf(pieces: list[Piece], tokenizer: Any, pixels: list[Any] | None = None) -> list[int]:
     """Token ids with a Hugging Face tokenizer: special tokens by name, text with special-token
-    parsing off, so a user who types `<|eot_id|>` cannot close the turn or forge a verdict."""
+    parsing off, so a user who types `<|eot_id|>` cannot close the turn or forge a verdict. Images
+    become their tiles' tokens, and their pixels are appended to `pixels` in prompt order."""
     ids: list[int] = []
     for piece in merge_text(pieces):
         if isinstance(piece, Special):
-            ids.append(tokenizer.convert_tokens_to_ids(piece.token))
+            ids.append(_special_id(tokenizer, piece.token))
+        elif isinstance(piece, ImageSlot):
+            if pixels is None:
+                raise GuardError("this guard backend cannot screen images (use the transformers backend)")
+            from proxy.guards.llama4_images import prepare
+
+            prepared = prepare(piece.image)
+            pixels.append(prepared.pixels)
+            ids.extend(_special_id(tokenizer, token) for token in prepared.tokens())
         else:
             ids.extend(
                 tokenizer(piece.text, add_special_tokens=False, split_special_tokens=True, verbose=False).input_ids
             )
     return ids
+
+
+def _special_id(tokenizer: Any, token: str) -> int:
+    found = tokenizer.convert_tokens_to_ids(token)
+    if found is None or found == tokenizer.unk_token_id:
+        raise GuardError(f"the tokenizer has no {token} token: is the guard's family right?")
+    return int(found)
 
 
 CODE = re.compile(r"\b([A-Z]\d{1,3})\b")

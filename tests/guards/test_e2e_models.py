@@ -13,6 +13,7 @@ from aiohttp import web
 
 from proxy.app import build_app
 from proxy.server.state import READINESS
+from proxy.settings import Settings
 from tests.conftest import Proxy, make_settings, write_policies
 from tests.fakes.upstream import FakeUpstream
 from tests.guards.model_fixtures import TinyModels
@@ -45,13 +46,20 @@ async def real_proxy(
             "llama_guard": {"family": "llama-guard-3-1b", "model": str(lg or tiny.lg3)},
         },
     )
+    async with real_proxy_from(settings, upstream) as proxy:
+        yield proxy
+
+
+@asynccontextmanager
+async def real_proxy_from(settings: Settings, upstream: FakeUpstream) -> AsyncIterator[Proxy]:
+    """The proxy with its configured (real) guards, once /readyz would say ready."""
     app = build_app(settings)
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    proxy = Proxy(f"http://127.0.0.1:{port}", app, upstream, {}, tmp_path)
+    proxy = Proxy(f"http://127.0.0.1:{port}", app, upstream, {}, settings.policies_dir)
     try:
         for _ in range(600):
             if app[READINESS].ready or app[READINESS].error:
