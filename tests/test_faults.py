@@ -263,3 +263,16 @@ async def test_client_disconnect_cancels_upstream(start_proxy: Any) -> None:
             with pytest.raises(asyncio.CancelledError):
                 await task
         await asyncio.wait_for(proxy.upstream.disconnected.wait(), 5)
+
+
+async def test_invalid_inline_image_is_400(start_proxy: Any) -> None:
+    messages: list[Any] = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@not-base64@@"}}],
+        }
+    ]
+    async with start_proxy() as proxy:
+        with pytest.raises(openai.BadRequestError, match="not valid base64"):
+            await proxy.client().chat.completions.create(model="m", messages=messages)
+    assert proxy.upstream.chat_requests == []
