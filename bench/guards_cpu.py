@@ -1,4 +1,4 @@
-"""CPU benchmark of the guards in their real shapes with random weights (reference §4).
+"""Benchmark of the guards (CPU by default, `--device cuda` on a GPU host) in their real shapes with random weights (reference §4).
 
 Prompt Guard 2 22M (DeBERTa-v3-xsmall shape) and Llama Guard 3 1B (Llama 3.2 1B shape, untied head),
 loaded through the product's own guard classes and runner, scored at concurrency 1, 8 and 32, with
@@ -143,16 +143,20 @@ async def measure(call: Any, concurrency: int) -> dict[str, float]:
 
 
 async def bench_model(
-    kind: str, path: Path, lengths: list[int], concurrencies: list[int], long_max: int
+    kind: str, path: Path, lengths: list[int], concurrencies: list[int], long_max: int, device: str = "cpu"
 ) -> list[dict[str, Any]]:
     rows = []
     for batching in (True, False):
-        runner = GuardRunner("cpu", max_batch=32 if batching else 1, max_wait_ms=2.0, max_queue=1024)
+        runner = GuardRunner(device, max_batch=32 if batching else 1, max_wait_ms=2.0, max_queue=1024)
         if kind == "pg2":
-            guard: Any = PromptGuard("pg2", GuardSettings(family="prompt-guard-2", model=str(path)), runner)
+            guard: Any = PromptGuard(
+                "pg2", GuardSettings(family="prompt-guard-2", model=str(path), device=device), runner
+            )
         else:
             # min_mass 0: random weights put no mass on safe/unsafe (a real model would be refused otherwise)
-            guard = LlamaGuard("lg3", GuardSettings(family="llama-guard-3-1b", model=str(path), min_mass=0.0), runner)
+            guard = LlamaGuard(
+                "lg3", GuardSettings(family="llama-guard-3-1b", model=str(path), min_mass=0.0, device=device), runner
+            )
         await guard.load()
         tokenizer = guard._model.tokenizer
         for length in lengths:
@@ -225,6 +229,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", choices=["pg2", "lg3"], default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 is used on CUDA)")
     parser.add_argument("--lengths", default="30,2000")
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--lg-long-max-concurrency", type=int, default=8)
@@ -238,10 +243,17 @@ async def main() -> None:
         rows += [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "pg2"):
-            rows += await bench_model("pg2", make_pg2_22m(Path(tmp) / "pg2"), lengths, concurrencies, 10**6)
+            rows += await bench_model(
+                "pg2", make_pg2_22m(Path(tmp) / "pg2"), lengths, concurrencies, 10**6, args.device
+            )
         if args.only in (None, "lg3"):
             rows += await bench_model(
-                "lg3", make_lg3_1b(Path(tmp) / "lg3"), lengths, concurrencies, args.lg_long_max_concurrency
+                "lg3",
+                make_lg3_1b(Path(tmp) / "lg3"),
+                lengths,
+                concurrencies,
+                args.lg_long_max_concurrency,
+                args.device,
             )
     text = table(rows)
     print(text)
