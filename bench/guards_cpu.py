@@ -1,4 +1,5 @@
-"""Benchmark of the guards (CPU by default, `--device cuda` on a GPU host) in their real shapes with random weights (reference §4).
+"""Benchmark of the guards in their real shapes with random weights (reference §4); CPU by default,
+`--device cuda` on a GPU host.
 
 Prompt Guard 2 22M (DeBERTa-v3-xsmall shape) and Llama Guard 3 1B (Llama 3.2 1B shape, untied head),
 loaded through the product's own guard classes and runner, scored at concurrency 1, 8 and 32, with
