@@ -41,8 +41,8 @@ class _Model:
         self.family = FAMILIES[settings.family]
         self.settings = settings
         self.name = name
-        self.safe_ids = self._single("safe") + self._single(" safe")
-        self.unsafe_ids = self._single("unsafe") + self._single(" unsafe")
+        self.safe_ids = [i for text in self.family.verdict_texts("safe") for i in self._single(text)]
+        self.unsafe_ids = [i for text in self.family.verdict_texts("unsafe") for i in self._single(text)]
         if not self.safe_ids or not self.unsafe_ids:
             raise GuardError(f"guard {name!r}: the GGUF vocabulary has no single token for safe/unsafe")
         self.stop_ids = {

@@ -66,9 +66,13 @@ class Family:
     instruction: str = INSTRUCTION_LAST
     defaults: tuple[Category, ...] = LG3_CATEGORIES
     image_defaults_drop: tuple[str, ...] = ()
-    verdict_spellings: tuple[str, ...] = ("{w}",)
+    verdict_spellings: tuple[str, ...] = ("{w}",)  # vocabulary pieces of the first answer token
     stop_tokens: tuple[str, ...] = ()
     multimodal: bool = False
+
+    def verdict_texts(self, word: str) -> tuple[str, ...]:
+        """The surface text of each counted spelling of `word` ("safe", and " safe" for LG1/LG2)."""
+        return tuple(s.format(w=word).replace("▁", " ").replace("Ġ", " ") for s in self.verdict_spellings)
 
 
 FAMILIES: dict[str, Family] = {

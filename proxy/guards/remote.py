@@ -15,26 +15,23 @@ import aiohttp
 
 from proxy.guards.guard import ConversationScore, GuardError, Taxonomy, Turn
 from proxy.guards.hub import explain, load_kwargs, quiet_transformers
-from proxy.guards.llama_guard_prompt import FAMILIES, build, encode_hf, read_categories, read_verdict, render
+from proxy.guards.llama_guard_prompt import FAMILIES, Family, build, encode_hf, read_categories, read_verdict, render
 from proxy.guards.runner import GuardRunner
 from proxy.settings import GuardSettings, resolve_secret
 
 TOP = 20
 
 
-def _clean(token: str) -> str:
-    return token.replace("Ġ", " ").replace("▁", " ").strip()
-
-
-def verdict_probs(top: dict[str, float]) -> tuple[float, float]:
-    """P(safe), P(unsafe) from a {token: logprob} map of the first position; spellings with a
-    leading space count too. A missing word is below every listed token: counted as 0."""
+def verdict_probs(top: dict[str, float], family: Family) -> tuple[float, float]:
+    """P(safe), P(unsafe) from a {token: logprob} map of the first position, counting the spellings
+    the family counts locally. A missing word is below every listed token: counted as 0."""
+    safe_texts, unsafe_texts = family.verdict_texts("safe"), family.verdict_texts("unsafe")
     safe = unsafe = 0.0
     for token, logprob in top.items():
-        word = _clean(token)
-        if word == "safe":
+        text = token.replace("Ġ", " ").replace("▁", " ")
+        if text in safe_texts:
             safe += math.exp(logprob)
-        elif word == "unsafe":
+        elif text in unsafe_texts:
             unsafe += math.exp(logprob)
     return safe, unsafe
 
@@ -94,6 +91,12 @@ class RemoteLlamaGuard:
 
     async def _first_token(self, prompt: Any, max_tokens: int) -> tuple[dict[str, float], str]:
         """({token: logprob} at the first position, generated text)."""
+        try:
+            return await self._ask(prompt, max_tokens)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise GuardError(f"guard {self.name!r}: unexpected reply shape from {self.settings.api}") from exc
+
+    async def _ask(self, prompt: Any, max_tokens: int) -> tuple[dict[str, float], str]:
         api, model = self.settings.api, self.settings.model
         if api in ("vllm", "llama-cpp"):
             data = await self._post(
@@ -138,11 +141,8 @@ class RemoteLlamaGuard:
             prompt: Any = await self.runner.call(lambda: self._ids(turns, taxonomy))
         else:
             prompt = self._text(turns, taxonomy)
-        try:
-            top, _ = await self._first_token(prompt, 1)
-        except (KeyError, IndexError, TypeError, ValueError) as exc:
-            raise GuardError(f"guard {self.name!r}: unexpected reply shape from {self.settings.api}") from exc
-        unsafe, binary, mass = read_verdict(self.family, *verdict_probs(top), self.settings.min_mass)
+        top, _ = await self._first_token(prompt, 1)
+        unsafe, binary, mass = read_verdict(self.family, *verdict_probs(top, self.family), self.settings.min_mass)
         categories: tuple[str, ...] = ()
         all_excluded = False
         if max(unsafe, binary) >= categories_from:

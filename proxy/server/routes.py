@@ -9,7 +9,6 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.errors import NotFound, UnsupportedMediaType
-from proxy.server.auth import bearer_key
 from proxy.server.chat import CHAT_PATH, chat_completions, relay_unchanged
 from proxy.server.state import METRICS, POLICIES, READINESS, SETTINGS, TENANTS, UPSTREAMS, bind_tenant, record_of
 from proxy.upstream.relay import Outgoing
@@ -40,12 +39,12 @@ async def models(request: web.Request) -> web.StreamResponse:
     bind_tenant(request, tenant.name)
     policy = request.app[POLICIES].current.get(tenant.policy)
     record.policy = policy.tag
+    upstreams = request.app[UPSTREAMS]
     name = request.app[SETTINGS].server.models_upstream
     if name is None:
         route = policy.resolve(CHAT_PATH, None)
-        upstreams = request.app[UPSTREAMS]
         name = route.upstream if route is not None else next(iter(upstreams))
-    upstream = request.app[UPSTREAMS][name]
+    upstream = upstreams[name]
     record.upstream = name
     out = Outgoing(
         path="/models",
@@ -53,7 +52,7 @@ async def models(request: web.Request) -> web.StreamResponse:
         payload=None,
         stream=False,
         client_headers=request.headers,
-        client_key=bearer_key(request),
+        client_key=tenant.key,
         request_id=record.request_id,
         method="GET",
     )

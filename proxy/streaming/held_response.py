@@ -65,8 +65,9 @@ class HeldResponse:
 
     async def send(self, chunks: list[bytes], decision: str) -> web.StreamResponse:
         await self.stop_keepalive()
+        deferred = self.prepared
         response = await self._prepare(decision)
-        if self.response is not None and response.headers.get("x-guardrail-decision") == "deferred":
+        if deferred:
             # The headers already left; say the decision as a comment the SDKs ignore.
             await response.write(f": x-guardrail-decision={decision}\n\n".encode())
         for chunk in chunks:

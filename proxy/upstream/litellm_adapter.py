@@ -89,11 +89,10 @@ class LiteLLMUpstream:
         self._key = settings.key()
 
     def _kwargs(self, out: Outgoing) -> dict[str, Any]:
-        payload = dict(out.payload or json.loads(out.body))
-        if out.body:  # the route may have renamed the model: the forwarded body is authoritative
-            payload = json.loads(out.body)
+        payload = json.loads(out.body)  # the forwarded body: a route's model rename is already in it
         payload["model"] = (self.settings.provider_model_prefix or "") + str(payload.get("model", ""))
-        payload.pop("stream_options", None) if not payload.get("stream") else None
+        if not payload.get("stream"):
+            payload.pop("stream_options", None)
         kwargs: dict[str, Any] = {
             **payload,
             "num_retries": 0,

@@ -19,6 +19,7 @@ class FakeVLLM:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
         self.requests: list[dict[str, Any]] = []
+        self.broken = False  # answer completions with a body of the wrong shape
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -90,6 +91,8 @@ class FakeVLLM:
     async def _completions(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.requests.append(body)
+        if self.broken:
+            return web.json_response({"object": "error", "detail": "no choices here"})
         if not isinstance(body["prompt"], list):
             return web.json_response({"error": "this fake takes token ids"}, status=400)
         result = await asyncio.to_thread(self._complete, body["prompt"], body["max_tokens"], body["logprobs"])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 
 import pytest
 
 from proxy.guards.guard import GuardError, Taxonomy, Turn
 from proxy.guards.llama_guard import LlamaGuard
+from proxy.guards.llama_guard_prompt import FAMILIES
 from proxy.guards.remote import RemoteLlamaGuard, verdict_probs
 from proxy.guards.runner import GuardRunner
 from proxy.settings import GuardSettings
@@ -87,6 +89,16 @@ async def test_text_apis_score_like_local(vllm: FakeVLLM, tiny: TinyModels, runn
         await remote.close()
 
 
+async def test_malformed_reply_is_guard_error(vllm: FakeVLLM, tiny: TinyModels, runner: GuardRunner) -> None:
+    guard = await remote_guard(vllm.url, tiny, runner)
+    vllm.broken = True
+    try:
+        with pytest.raises(GuardError, match="unexpected reply shape from vllm"):
+            await guard.score_conversation(UNSAFE, Taxonomy())
+    finally:
+        await guard.close()
+
+
 async def test_remote_unreachable_is_guard_error(tiny: TinyModels, runner: GuardRunner) -> None:
     guard = await remote_guard("http://127.0.0.1:9/v1", tiny, runner)
     try:
@@ -96,7 +108,11 @@ async def test_remote_unreachable_is_guard_error(tiny: TinyModels, runner: Guard
         await guard.close()
 
 
-def test_verdict_probs_reads_both_spellings() -> None:
-    safe, unsafe = verdict_probs({"safe": -0.1, "Ġunsafe": -3.0, "▁safe": -5.0, "other": -1.0})
+def test_verdict_probs_count_the_family_spellings() -> None:
+    top = {"safe": -0.1, "Ġunsafe": -3.0, "▁safe": -5.0, "other": -1.0}
+    safe, unsafe = verdict_probs(top, FAMILIES["llama-guard-2"])  # LG2 counts "safe" and " safe"
     assert unsafe == pytest.approx(0.0497871, rel=1e-5)
-    assert safe > 0.9
+    assert safe == pytest.approx(math.exp(-0.1) + math.exp(-5.0), rel=1e-6)
+    safe3, unsafe3 = verdict_probs(top, FAMILIES["llama-guard-3-8b"])  # LG3: the bare word only
+    assert unsafe3 == 0.0
+    assert safe3 == pytest.approx(math.exp(-0.1), rel=1e-6)
