@@ -3,6 +3,9 @@
 The prompt is built with the same pieces as the transformers backend and tokenized by the GGUF's
 own vocabulary: special tokens by name, text with special-token parsing off (a user cannot forge a
 turn). One evaluation gives the last position's logits; the score is P(unsafe) as everywhere else.
+A prompt over `max_tokens` fails before evaluation; the context holds `max_tokens` plus the
+category continuation. One evaluation is one runner step: the single llama.cpp context cannot be
+shared between interleaved prompts, so the token cap is what bounds another request's wait.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from proxy.guards.guard import ConversationScore, GuardError, Taxonomy, Turn
+from proxy.guards.guard import ConversationScore, GuardError, GuardLimitExceeded, Taxonomy, Turn
 from proxy.guards.llama_guard_prompt import FAMILIES, Special, Text, build, merge_text, read_categories, read_verdict
 from proxy.guards.runner import GuardRunner
 from proxy.settings import GuardSettings
@@ -27,7 +30,7 @@ def softmax_at(logits: Any, ids: list[int]) -> float:
 
 
 class _Model:
-    def __init__(self, settings: GuardSettings, name: str, n_ctx: int = 8192) -> None:
+    def __init__(self, settings: GuardSettings, name: str, n_ctx: int | None = None) -> None:
         try:
             from llama_cpp import Llama
         except ImportError as exc:
@@ -35,6 +38,8 @@ class _Model:
                 f"guard {name!r}: backend llama-cpp needs llama-cpp-python: pip install 'guardrail-proxy[gguf]'"
             ) from exc
         try:
+            # The prompt, the forced `unsafe` token and the category continuation.
+            n_ctx = n_ctx or settings.token_limit + settings.max_new_tokens + 1
             self.llm = Llama(model_path=settings.model, n_ctx=n_ctx, logits_all=False, verbose=False)
         except (ValueError, OSError, RuntimeError) as exc:
             raise GuardError(f"guard {name!r} could not load GGUF {settings.model!r}: {exc}") from exc
@@ -69,7 +74,11 @@ class _Model:
             if isinstance(piece, Special):
                 ids.append(self._special(piece.token))
             elif isinstance(piece, Text):
-                ids.extend(self.llm.tokenize(piece.text.encode(), add_bos=False, special=False))
+                try:
+                    data = piece.text.encode()
+                except UnicodeEncodeError as exc:  # a lone surrogate; the text itself is never quoted
+                    raise GuardError(f"guard {self.name!r}: the conversation cannot be encoded ({exc.reason})") from exc
+                ids.extend(self.llm.tokenize(data, add_bos=False, special=False))
             else:
                 raise GuardError(
                     f"guard {self.name!r}: GGUF guards cannot screen images (use the transformers backend)"
@@ -92,6 +101,8 @@ class _Model:
 
     def score(self, turns: list[Turn], taxonomy: Taxonomy, categories_from: float) -> ConversationScore:
         ids = self.encode(turns, taxonomy)
+        if len(ids) > self.settings.token_limit:
+            raise GuardLimitExceeded("the conversation", len(ids), self.settings.token_limit, self.name)
         logits = self._next_logits(ids)
         unsafe, binary, mass = read_verdict(
             self.family, softmax_at(logits, self.safe_ids), softmax_at(logits, self.unsafe_ids), self.settings.min_mass

@@ -20,7 +20,17 @@ class GuardError(Exception):
 
 
 class GuardOverloaded(GuardError):
-    """The guard runner's queue is full; the caller should retry later."""
+    """The guard runner's queue is full (or the tenant's share of it); the caller should retry later."""
+
+
+class GuardLimitExceeded(GuardError):
+    """One check's input is over the guard's `max_tokens`: refused before any forward pass, so one
+    request cannot hold the guard worker for everyone."""
+
+    def __init__(self, what: str, tokens: int, limit: int, guard: str) -> None:
+        super().__init__(f"{what} is {tokens} tokens, over max_tokens={limit} for guard {guard}")
+        self.tokens = tokens
+        self.limit = limit
 
 
 @dataclass(frozen=True)

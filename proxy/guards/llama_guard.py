@@ -6,14 +6,20 @@ value and the safe/unsafe-renormalised value are returned; their mass (P(safe)+P
 `min_mass` means the prompt is wrong, which is an error, not a verdict. Categories come from a short
 greedy continuation after a forced `unsafe` token, only for conversations scoring at or above
 `categories_from`.
+
+A check is a sequence of runner jobs so that one long prompt never holds the worker: one job
+encodes (past `max_tokens` the check fails before any forward pass); a prompt of at most
+`prefill_chunk_tokens` is then scored in a batch with other requests' prompts; a longer one is
+prefilled alone, one chunk per job, into its own KV cache (same scores as one pass), and a
+cancelled check submits no further chunk. Prompts with images always take the one-pass path.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.guards.guard import ConversationScore, GuardError, Taxonomy, Turn
+from proxy.guards.guard import ConversationScore, GuardError, GuardLimitExceeded, Taxonomy, Turn
 from proxy.guards.hub import explain, load_kwargs, pick_dtype, quiet_transformers
 from proxy.guards.llama_guard_prompt import FAMILIES, Family, build, encode_hf, read_categories, read_verdict
 from proxy.guards.runner import GuardRunner
@@ -25,6 +31,24 @@ class _Item:
     turns: tuple[Turn, ...]
     taxonomy: Taxonomy
     categories_from: float
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    """An encoded check: token ids and the image tiles they refer to."""
+
+    item: _Item
+    ids: list[int]
+    pixels: list[Any]
+
+
+@dataclass(eq=False)
+class _Prefill:
+    """A long prompt between runner steps: how far it is prefilled, and its KV cache."""
+
+    prompt: _Prompt
+    done: int = 0
+    cache: Any = field(default=None, repr=False)
 
 
 class _Model:
@@ -50,6 +74,7 @@ class _Model:
             raise explain(name, settings.model, exc) from exc
         self.model = model.to(settings.device).eval()
         self.device = settings.device
+        self.name = name
         self.family = family
         self.settings = settings
         self.torch = torch
@@ -111,9 +136,30 @@ class _Model:
             probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1)
             return probs[:, self.safe_ids].sum(-1).tolist(), probs[:, self.unsafe_ids].sum(-1).tolist()
 
-    def score(self, items: list[_Item]) -> list[ConversationScore | Exception]:
-        pixels: list[list[Any]] = [[] for _ in items]
-        sequences = [self.encode(list(item.turns), item.taxonomy, pixels[i]) for i, item in enumerate(items)]
+    def prepare(self, items: list[_Item]) -> list[_Prompt | Exception]:
+        """Each item's prompt, or its own error (text the tokenizer cannot encode, over max_tokens)."""
+        out: list[_Prompt | Exception] = []
+        for item in items:
+            pixels: list[Any] = []
+            try:
+                ids = self.encode(list(item.turns), item.taxonomy, pixels)
+            except GuardError as exc:
+                out.append(exc)
+                continue
+            except Exception as exc:  # the tokenizer's own error types; the text itself is never quoted
+                reason = type(exc).__name__
+                out.append(GuardError(f"guard {self.name!r}: the conversation cannot be encoded ({reason})"))
+                continue
+            if len(ids) > self.settings.token_limit:
+                out.append(GuardLimitExceeded("the conversation", len(ids), self.settings.token_limit, self.name))
+                continue
+            out.append(_Prompt(item, ids, pixels))
+        return out
+
+    def score(self, prompts: list[_Prompt]) -> list[ConversationScore | Exception]:
+        items = [p.item for p in prompts]
+        sequences = [p.ids for p in prompts]
+        pixels = [p.pixels for p in prompts]
         chunk = self.settings.forward_batch
         p_safe: list[float] = []
         p_unsafe: list[float] = []
@@ -137,6 +183,53 @@ class _Model:
         if want:
             self._add_categories(items, sequences, pixels, results, want)
         return results
+
+    def prefill(self, state: _Prefill) -> ConversationScore | None:
+        """Feed the next `prefill_chunk_tokens` of a long prompt into its cache; after the last
+        chunk, its score (and categories, read greedily from the same cache)."""
+        torch = self.torch
+        ids = state.prompt.ids
+        end = min(state.done + self.settings.prefill_chunk_tokens, len(ids))
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=torch.tensor([ids[state.done : end]], device=self.device),
+                position_ids=torch.arange(state.done, end, device=self.device).unsqueeze(0),
+                past_key_values=state.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        state.cache, state.done = out.past_key_values, end
+        if end < len(ids):
+            return None
+        probs = torch.softmax(out.logits[0, -1, :].float(), dim=-1)
+        p_safe, p_unsafe = float(probs[self.safe_ids].sum()), float(probs[self.unsafe_ids].sum())
+        item = state.prompt.item
+        unsafe, binary, mass = read_verdict(self.family, p_safe, p_unsafe, self.settings.min_mass)
+        if max(unsafe, binary) < item.categories_from:
+            return ConversationScore(unsafe, binary, mass)
+        kept, all_excluded = read_categories(self._continue_cached(state), item.taxonomy)
+        return ConversationScore(unsafe, binary, mass, categories=kept, all_excluded=all_excluded)
+
+    def _continue_cached(self, state: _Prefill) -> str:
+        """The greedy continuation after a forced `unsafe`, from a prefilled cache (as `_continue`)."""
+        torch = self.torch
+        token, position, generated = self.unsafe_ids[0], len(state.prompt.ids), []
+        with torch.inference_mode():
+            for _ in range(self.settings.max_new_tokens):
+                out = self.model(
+                    input_ids=torch.tensor([[token]], device=self.device),
+                    position_ids=torch.tensor([[position]], device=self.device),
+                    past_key_values=state.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                state.cache, position = out.past_key_values, position + 1
+                token = int(out.logits[0, -1, :].argmax())
+                if token in self.stop_ids:
+                    break
+                generated.append(token)
+        text: str = self.tokenizer.decode(generated, skip_special_tokens=True)
+        return text
 
     def _continue(self, prompts: list[list[int]], pixels: list[list[Any]]) -> list[str]:
         """Greedy continuations (at most max_new_tokens, stopping at the family's stop tokens)."""
@@ -189,9 +282,17 @@ class LlamaGuard:
     async def load(self) -> None:
         self._model = await self.runner.call(lambda: _Model(self.settings, self.family, self.name))
 
-    def _run(self, items: list[_Item]) -> list[ConversationScore | Exception]:
+    def _prepare(self, items: list[_Item]) -> list[_Prompt | Exception]:
         assert self._model is not None
-        return self._model.score(items)
+        return self._model.prepare(items)
+
+    def _score(self, prompts: list[_Prompt]) -> list[ConversationScore | Exception]:
+        assert self._model is not None
+        return self._model.score(prompts)
+
+    def _prefill(self, states: list[_Prefill]) -> list[ConversationScore | None]:
+        assert self._model is not None
+        return [self._model.prefill(state) for state in states]
 
     async def score_conversation(
         self, turns: list[Turn], taxonomy: Taxonomy, *, categories_from: float = 0.5
@@ -200,10 +301,19 @@ class LlamaGuard:
             raise GuardError(f"guard {self.name!r} is not loaded")
         # Text-only families never see images (their prompts have no place for one); LG4 gets the tiles.
         item = _Item(tuple(turns), taxonomy, categories_from)
-        (result,) = await self.runner.submit(self._run, [item], key=(id(self), "score"))
-        if isinstance(result, Exception):
-            raise result
-        return result
+        (prompt,) = await self.runner.submit(self._prepare, [item], key=(id(self), "prepare"))
+        if isinstance(prompt, Exception):
+            raise prompt
+        if len(prompt.ids) <= self.settings.prefill_chunk_tokens or prompt.pixels:
+            (result,) = await self.runner.submit(self._score, [prompt], key=(id(self), "score"))
+            if isinstance(result, Exception):
+                raise result
+            return result
+        state = _Prefill(prompt)
+        while True:  # each chunk queues behind whatever arrived meanwhile
+            (done,) = await self.runner.submit(self._prefill, [state], key=state)
+            if done is not None:
+                return done
 
     def encode(self, turns: list[Turn], taxonomy: Taxonomy, pixels: list[Any] | None = None) -> list[int]:
         """Token ids of the prompt (tests and tools); `pixels` receives the images' tiles."""

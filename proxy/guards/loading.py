@@ -34,7 +34,12 @@ def _runner(device: str, settings: Settings | None) -> GuardRunner:
         return GuardRunner(device)
     r = settings.runner
     return GuardRunner(
-        device, max_batch=r.max_batch, max_wait_ms=r.max_wait_ms, max_queue=r.max_queue, threads=r.threads
+        device,
+        max_batch=r.max_batch,
+        max_wait_ms=r.max_wait_ms,
+        max_queue=r.max_queue,
+        threads=r.threads,
+        tenant_queue_share=r.tenant_queue_share,
     )
 
 

@@ -1,18 +1,20 @@
 """Prompt Guard 1 and 2 on transformers, in process.
 
 Long texts are never truncated: each text is cut into windows of `window_tokens` (CLS and SEP
-included) overlapping by `window_overlap_tokens`; every window of a request goes into one forward
-pass and a text's score is the max over its windows. Past `max_windows` per request the check
-fails (the policy's `on_guard_error` decides). Scores: PG2 P(class 1, malicious); PG1 P(jailbreak)
-for user text and P(injection)+P(jailbreak) for third-party text (reference §3.2).
+included) overlapping by `window_overlap_tokens`; a text's score is the max over its windows. A
+check is two kinds of runner job: one tokenizes the request's texts (past `max_windows` for one text,
+or `max_tokens` for all of them, the check fails before any forward pass), then its windows go to the
+model in pieces of `forward_batch`, each piece its own job merged with other requests' windows, so a
+short request waits behind at most one piece of a long one; a cancelled check submits no more pieces.
+Scores: PG2 P(class 1, malicious); PG1 P(jailbreak) for user text and P(injection)+P(jailbreak) for
+third-party text (reference §3.2).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from proxy.guards.guard import GuardError, ScreenText, TextScore
+from proxy.guards.guard import GuardError, GuardLimitExceeded, ScreenText, TextScore
 from proxy.guards.hub import explain, load_kwargs, pick_dtype, quiet_transformers
 from proxy.guards.runner import GuardRunner
 from proxy.settings import GuardSettings
@@ -65,11 +67,6 @@ def normalize_whitespace(text: str, tokenize: Any) -> str:
         return text
 
 
-@dataclass(frozen=True)
-class _Item:
-    texts: tuple[ScreenText, ...]
-
-
 class _Model:
     def __init__(self, settings: GuardSettings, name: str) -> None:
         import torch
@@ -117,44 +114,46 @@ class _Model:
             logits = self.model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device)).logits
             return torch.softmax(logits.float() / self.settings.temperature, dim=-1).cpu()
 
-    def score(self, items: list[_Item]) -> list[list[TextScore] | Exception]:
-        torch = self.torch
+    def plan(self, requests: list[tuple[ScreenText, ...]]) -> list[list[list[list[int]]] | Exception]:
+        """Each request's windows per text, or that request's own error (unencodable text, caps)."""
+        return [self._plan_one(texts) for texts in requests]
+
+    def _plan_one(self, texts: tuple[ScreenText, ...]) -> list[list[list[int]]] | Exception:
         size = self.settings.window_tokens - 2
         overlap = min(self.settings.window_overlap_tokens, size - 1)
-        plan: list[tuple[int, int, list[int]]] = []  # (item, text, window ids)
-        results: list[list[TextScore] | Exception] = []
-        for i, item in enumerate(items):
-            per_text = [windows(self._ids(t.text), size, overlap) for t in item.texts]
-            total = sum(len(w) for w in per_text)
-            if total > self.settings.max_windows:
-                results.append(GuardError(f"{total} windows exceed max_windows={self.settings.max_windows}"))
-                continue
-            results.append([])
-            for j, wins in enumerate(per_text):
-                plan.extend((i, j, w) for w in wins)
-        if not plan:
-            return results
-        probs = torch.cat(
-            [
-                self._forward([w for _, _, w in plan[start : start + self.settings.forward_batch]])
-                for start in range(0, len(plan), self.settings.forward_batch)
-            ]
-        )
-        best: dict[tuple[int, int], tuple[float, int]] = {}
-        for row, (i, j, _) in enumerate(plan):
-            source = items[i].texts[j].source
-            if not self.three_labels:
-                value = float(probs[row, 1])
-            elif source == "user":
-                value = float(probs[row, self.jailbreak])
-            else:
-                value = float(probs[row, self.injection] + probs[row, self.jailbreak])
-            score, count = best.get((i, j), (0.0, 0))
-            best[(i, j)] = (max(score, value), count + 1)
-        for i, item in enumerate(items):
-            if isinstance(results[i], list):
-                results[i] = [TextScore(*best[(i, j)]) for j in range(len(item.texts))]
-        return results
+        limit, total = self.settings.token_limit, 0
+        out: list[list[list[int]]] = []
+        for number, text in enumerate(texts):
+            try:
+                ids = self._ids(text.text)
+            except Exception as exc:  # the tokenizer's own error types; the text itself is never quoted
+                return GuardError(f"guard {self.name!r}: text {number} cannot be tokenized ({type(exc).__name__})")
+            total += len(ids)
+            if total > limit:
+                return GuardLimitExceeded("the request's text", total, limit, self.name)
+            wins = windows(ids, size, overlap)
+            if len(wins) > self.settings.max_windows:
+                return GuardError(
+                    f"guard {self.name!r}: text {number} needs {len(wins)} windows, "
+                    f"over max_windows={self.settings.max_windows}"
+                )
+            out.append(wins)
+        return out
+
+    def forward(self, wins: list[list[int]]) -> list[list[float]]:
+        """Class probabilities of each window, `forward_batch` windows per forward pass."""
+        step = self.settings.forward_batch
+        out: list[list[float]] = []
+        for start in range(0, len(wins), step):
+            out += self._forward(wins[start : start + step]).tolist()
+        return out
+
+    def value(self, probs: list[float], source: str) -> float:
+        if not self.three_labels:
+            return probs[1]
+        if source == "user":
+            return float(probs[self.jailbreak])
+        return float(probs[self.injection] + probs[self.jailbreak])
 
 
 class PromptGuard:
@@ -169,16 +168,29 @@ class PromptGuard:
     async def load(self) -> None:
         self._model = await self.runner.call(lambda: _Model(self.settings, self.name))
 
-    def _run(self, items: list[_Item]) -> list[list[TextScore] | Exception]:
+    def _plan(self, requests: list[tuple[ScreenText, ...]]) -> list[list[list[list[int]]] | Exception]:
         assert self._model is not None
-        return self._model.score(items)
+        return self._model.plan(requests)
+
+    def _forward(self, wins: list[list[int]]) -> list[list[float]]:
+        assert self._model is not None
+        return self._model.forward(wins)
 
     async def score_texts(self, texts: list[ScreenText]) -> list[TextScore]:
-        if self._model is None:
+        model = self._model
+        if model is None:
             raise GuardError(f"guard {self.name!r} is not loaded")
         if not texts:
             return []
-        (result,) = await self.runner.submit(self._run, [_Item(tuple(texts))], key=(id(self), "score"))
-        if isinstance(result, Exception):
-            raise result
-        return result
+        (plan,) = await self.runner.submit(self._plan, [tuple(texts)], key=(id(self), "plan"))
+        if isinstance(plan, Exception):
+            raise plan
+        flat = [(number, win) for number, wins in enumerate(plan) for win in wins]
+        best = [0.0] * len(texts)
+        piece = self.settings.forward_batch
+        for start in range(0, len(flat), piece):
+            chunk = flat[start : start + piece]
+            probs = await self.runner.submit(self._forward, [win for _, win in chunk], key=(id(self), "forward"))
+            for (number, _), row in zip(chunk, probs, strict=True):
+                best[number] = max(best[number], model.value(row, texts[number].source))
+        return [TextScore(best[n], len(wins)) for n, wins in enumerate(plan)]

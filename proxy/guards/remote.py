@@ -3,7 +3,8 @@
 The proxy renders the exact prompt itself (never a server-side chat template it cannot control) and
 reads the log-probabilities of `safe` / `unsafe` at the first generated position, so remote and
 local scores mean the same (reference §5). vLLM gets token ids (exact parity, BOS included);
-llama.cpp, Ollama and TGI get the text without BOS, because those servers add it.
+llama.cpp, Ollama and TGI get the text without BOS, because those servers add it. Where a
+tokenizer is loaded (api vllm, or `tokenizer` set), a prompt over `max_tokens` fails before it is sent.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.guards.guard import ConversationScore, GuardError, Taxonomy, Turn
+from proxy.guards.guard import ConversationScore, GuardError, GuardLimitExceeded, Taxonomy, Turn
 from proxy.guards.hub import explain, load_kwargs, quiet_transformers
 from proxy.guards.llama_guard_prompt import FAMILIES, Family, build, encode_hf, read_categories, read_verdict, render
 from proxy.guards.runner import GuardRunner
@@ -49,7 +50,7 @@ class RemoteLlamaGuard:
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
 
     async def load(self) -> None:
-        if self.settings.api == "vllm":
+        if self.settings.api == "vllm" or self.settings.tokenizer:
             self._tokenizer = await self.runner.call(self._load_tokenizer)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.settings.timeout_s))
 
@@ -68,8 +69,24 @@ class RemoteLlamaGuard:
             raise explain(self.name, source, exc) from exc
 
     def _ids(self, turns: list[Turn], taxonomy: Taxonomy) -> list[int]:
-        ids: list[int] = encode_hf(build(self.family, turns, taxonomy), self._tokenizer)
+        try:
+            ids: list[int] = encode_hf(build(self.family, turns, taxonomy), self._tokenizer)
+        except GuardError:
+            raise
+        except Exception as exc:  # the tokenizer's own error types; the text itself is never quoted
+            raise GuardError(f"guard {self.name!r}: the conversation cannot be encoded ({type(exc).__name__})") from exc
+        self._check_length(len(ids))
         return ids
+
+    def _count(self, text: str) -> int:
+        try:
+            return len(self._tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
+        except Exception as exc:
+            raise GuardError(f"guard {self.name!r}: the conversation cannot be encoded ({type(exc).__name__})") from exc
+
+    def _check_length(self, tokens: int) -> None:
+        if tokens > self.settings.token_limit:
+            raise GuardLimitExceeded("the conversation", tokens, self.settings.token_limit, self.name)
 
     def _text(self, turns: list[Turn], taxonomy: Taxonomy) -> str:
         """The prompt text without its BOS (the server adds one). Text servers parse special-token
@@ -141,6 +158,9 @@ class RemoteLlamaGuard:
             prompt: Any = await self.runner.call(lambda: self._ids(turns, taxonomy))
         else:
             prompt = self._text(turns, taxonomy)
+            if self._tokenizer is not None:
+                text = prompt
+                self._check_length(await self.runner.call(lambda: self._count(text)))
         top, _ = await self._first_token(prompt, 1)
         unsafe, binary, mass = read_verdict(self.family, *verdict_probs(top, self.family), self.settings.min_mass)
         categories: tuple[str, ...] = ()

@@ -1,15 +1,19 @@
 """The guard runner: one worker thread per device runs all torch and tokenizer work, micro-batching
 concurrent requests. The event loop only enqueues jobs and awaits futures.
 
-A job is a list of items for one batch function (e.g. every Prompt Guard window of one request);
-jobs for the same function are merged into one call, up to `max_batch` items, waiting at most
-`max_wait_ms` for company. A job is never split, so a request's windows share one forward pass.
+A job is a list of items for one batch function; jobs with the same key are merged into one call,
+up to `max_batch` items, waiting at most `max_wait_ms` for company. Jobs run in arrival order, so
+long work stays interruptible when its owner submits it as a sequence of small jobs (Prompt Guard
+windows in pieces of `forward_batch`, Llama Guard prefill in chunks): each next piece queues behind
+whatever arrived meanwhile. Isolation: if a merged call raises, each of its jobs is re-run alone so
+only the culprit fails; one tenant may hold at most `tenant_queue_share` of the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -28,6 +32,9 @@ log = structlog.get_logger("proxy.guards.runner")
 
 BatchFn = Callable[[list[Any]], list[Any]]
 
+current_tenant: contextvars.ContextVar[str | None] = contextvars.ContextVar("guard_tenant", default=None)
+"""The tenant whose request is being screened; set by the server, read when a job is queued."""
+
 
 @dataclass(eq=False)
 class _Job:
@@ -36,21 +43,32 @@ class _Job:
     items: list[Any]
     future: asyncio.Future[list[Any]]
     loop: asyncio.AbstractEventLoop
+    tenant: str | None = None
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False
 
 
 class GuardRunner:
     def __init__(
-        self, device: str, *, max_batch: int = 16, max_wait_ms: float = 2.0, max_queue: int = 256, threads: int = 0
+        self,
+        device: str,
+        *,
+        max_batch: int = 16,
+        max_wait_ms: float = 2.0,
+        max_queue: int = 256,
+        threads: int = 0,
+        tenant_queue_share: float = 0.5,
     ) -> None:
         self.device = device
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
         self.max_queue = max_queue
+        self.tenant_queue_limit = max(1, int(max_queue * tenant_queue_share))
         self.threads = threads
         self.batches_run = 0
         self.items_run = 0
+        self.on_reject: Callable[[str], None] | None = None
+        """Called on the event loop with the reason ("full", "tenant_share") of each refused job."""
         self._queue: collections.deque[_Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -83,12 +101,27 @@ class GuardRunner:
         if not items:
             return []
         loop = asyncio.get_running_loop()
-        job = _Job(fn=fn, key=key if key is not None else fn, items=list(items), future=loop.create_future(), loop=loop)
+        tenant = current_tenant.get()
+        job = _Job(
+            fn=fn,
+            key=key if key is not None else fn,
+            items=list(items),
+            future=loop.create_future(),
+            loop=loop,
+            tenant=tenant,
+        )
         with self._cond:
             if self._stopping:
                 raise GuardError(f"guard runner {self.device} is stopped")
             if len(self._queue) >= self.max_queue:
+                self._reject("full")
                 raise GuardOverloaded(f"guard queue on {self.device} is full ({self.max_queue} jobs)")
+            if tenant is not None and sum(j.tenant == tenant for j in self._queue) >= self.tenant_queue_limit:
+                self._reject("tenant_share")
+                raise GuardOverloaded(
+                    f"tenant {tenant!r} holds its share of the guard queue on {self.device} "
+                    f"({self.tenant_queue_limit} of {self.max_queue} jobs)"
+                )
             self._queue.append(job)
             self._cond.notify_all()
         self.start()
@@ -100,6 +133,10 @@ class GuardRunner:
                 if job in self._queue:
                     self._queue.remove(job)
             raise
+
+    def _reject(self, reason: str) -> None:
+        if self.on_reject is not None:
+            self.on_reject(reason)
 
     def _take_batch(self) -> list[_Job] | None:
         """Under the lock: wait for work, then collect jobs sharing the first job's function."""
@@ -139,25 +176,34 @@ class GuardRunner:
             if batch is None:
                 return
             batch = [job for job in batch if not job.cancelled and not job.future.done()]
-            if not batch:
-                continue
-            items = [item for job in batch for item in job.items]
-            try:
-                results = batch[0].fn(items)
-                if len(results) != len(items):
-                    raise GuardError(f"batch function returned {len(results)} results for {len(items)} items")
-            except BaseException as exc:
-                err = exc if isinstance(exc, Exception) else GuardError(repr(exc))
+            if batch and not self._run(batch) and len(batch) > 1:
+                # One job's input may have broken the merged call: re-run each alone so only it fails.
                 for job in batch:
-                    job.loop.call_soon_threadsafe(_set_exception, job.future, err)
-                continue
-            self.batches_run += 1
-            self.items_run += len(items)
-            start = 0
-            for job in batch:
-                part = results[start : start + len(job.items)]
-                start += len(job.items)
-                job.loop.call_soon_threadsafe(_set_result, job.future, part)
+                    if not job.cancelled:
+                        self._run([job])
+
+    def _run(self, batch: list[_Job]) -> bool:
+        """Run one merged call and hand each job its results. False (nothing delivered) if the call
+        raised and more than one job shared it; a lone job gets the exception."""
+        items = [item for job in batch for item in job.items]
+        try:
+            results = batch[0].fn(items)
+            if len(results) != len(items):
+                raise GuardError(f"batch function returned {len(results)} results for {len(items)} items")
+        except BaseException as exc:
+            if len(batch) > 1:
+                return False
+            err = exc if isinstance(exc, Exception) else GuardError(repr(exc))
+            batch[0].loop.call_soon_threadsafe(_set_exception, batch[0].future, err)
+            return False
+        self.batches_run += 1
+        self.items_run += len(items)
+        start = 0
+        for job in batch:
+            part = results[start : start + len(job.items)]
+            start += len(job.items)
+            job.loop.call_soon_threadsafe(_set_result, job.future, part)
+        return True
 
 
 def _set_result(future: asyncio.Future[list[Any]], value: list[Any]) -> None:
