@@ -99,6 +99,8 @@ def _start_guards(app: web.Application, guard_set: GuardSet | None) -> asyncio.T
     for runner in guard_set.runner_list:
         depth = app[METRICS].queue_depth.labels(runner.device)
         depth.set_function(lambda r=runner: float(r.queue_depth))  # type: ignore[misc]
+        rejections = app[METRICS].queue_rejections
+        runner.on_reject = lambda reason, d=runner.device: rejections.labels(d, reason).inc()  # type: ignore[misc]
     return asyncio.create_task(_load(app, guard_set))
 
 

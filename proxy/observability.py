@@ -75,6 +75,12 @@ class Metrics:
         self.queue_depth = Gauge(
             "guardrail_guard_queue_depth", "Jobs waiting in a guard runner queue", ["device"], registry=r
         )
+        self.queue_rejections = Counter(
+            "guardrail_guard_queue_rejections",
+            "Guard jobs refused with 503: queue full, or the tenant's share of it taken",
+            ["device", "reason"],
+            registry=r,
+        )
         self.policy_reload_failures = Gauge(
             "guardrail_policy_reload_failures", "Policy reloads rejected since start", registry=r
         )

@@ -87,6 +87,12 @@ class GuardSettings(Strict):
     forward_batch: int = Field(
         default=8, ge=1, description="most sequences (windows, prompts) in one forward pass; more is memory-bound"
     )
+    max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="tokens one check may send the model (Prompt Guard: all texts of a request, default 32768; "
+        "Llama Guard: one prompt, default 8192); past it the check fails before any forward pass",
+    )
     # Prompt Guard
     window_tokens: int = Field(default=512, ge=8, le=512)
     window_overlap_tokens: int = Field(default=128, ge=0)
@@ -95,6 +101,9 @@ class GuardSettings(Strict):
     temperature: float = Field(default=1.0, gt=0)
     # Llama Guard
     max_new_tokens: int = Field(default=20, ge=1, le=64)
+    prefill_chunk_tokens: int = Field(
+        default=512, ge=16, description="a longer prompt is prefilled alone in runner steps of this many tokens"
+    )
     min_mass: float = Field(default=0.9, ge=0, le=1)
     # remote
     base_url: str | None = None
@@ -117,11 +126,21 @@ class GuardSettings(Strict):
     def is_prompt_guard(self) -> bool:
         return self.family.startswith("prompt-guard")
 
+    @property
+    def token_limit(self) -> int:
+        """`max_tokens`, or the family's default (Meta's hosted Llama Guard took an 8K context)."""
+        if self.max_tokens is not None:
+            return self.max_tokens
+        return 32768 if self.is_prompt_guard else 8192
+
 
 class RunnerSettings(Strict):
     max_batch: int = Field(default=16, ge=1)
     max_wait_ms: float = Field(default=2.0, ge=0)
     max_queue: int = Field(default=256, ge=1)
+    tenant_queue_share: float = Field(
+        default=0.5, gt=0, le=1, description="fraction of max_queue one tenant's jobs may hold; past it 503"
+    )
     threads: int = Field(default=0, ge=0, description="torch intra-op threads per worker; 0 = all cores but one on cpu")
 
 

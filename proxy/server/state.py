@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.guards.guard import Guard
+from proxy.guards.runner import current_tenant
 from proxy.observability import Metrics
 from proxy.policy.store import PolicyStore
 from proxy.server.auth import Tenants
@@ -68,11 +69,13 @@ RECORD = web.RequestKey("record", Record)
 
 
 def bind_tenant(request: web.Request, tenant: str) -> None:
-    """Record the tenant and bind it into every later log line of this request."""
+    """Record the tenant, bind it into every later log line of this request, and tell the guard
+    runner whose jobs this request queues (its per-tenant queue share)."""
     import structlog
 
     record_of(request).tenant = tenant
     structlog.contextvars.bind_contextvars(tenant=tenant)
+    current_tenant.set(tenant)
 
 
 def record_of(request: web.Request) -> Record:
