@@ -32,7 +32,8 @@ class ImagePart(Wire):
 
 
 class OtherPart(Wire):
-    """input_audio, file, refusal and future part types: kept and counted, not screened as text."""
+    """Every other part type. Text-bearing ones (`input_text`, `output_text`, `thinking`, `refusal`)
+    are screened as text; the rest are refused unless a route lets them through unscreened."""
 
     type: str
 
@@ -59,6 +60,9 @@ class Message(Wire):
     tool_call_id: str | None = None
     function_call: FunctionCall | None = None
     refusal: str | None = None
+    # Reasoning sent back in earlier assistant turns (vLLM, DeepSeek, Ollama, Qwen, gpt-oss).
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class ChatRequest(Wire):
@@ -74,6 +78,8 @@ class ChoiceMessage(Wire):
     tool_calls: list[ToolCall] | None = None
     function_call: FunctionCall | None = None
     refusal: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class Choice(Wire):

@@ -2,20 +2,28 @@
 
 Mapping to Llama Guard's format (reference §1.10): `user` -> User; `tool`/`function` results -> User
 (third-party data entering the model is input, judged with the user's turn); `assistant` -> Agent
-(its text plus tool-call arguments); `system`/`developer` are not part of the format and are dropped.
-Consecutive turns of one speaker are merged with a blank line; leading Agent turns are dropped.
+(its text, reasoning and tool-call arguments); `system`/`developer` are not part of the format and
+are dropped. Consecutive turns of one speaker are merged with a blank line; a leading Agent turn is
+judged as User text (as llama-stack does), so no turn a model reads goes unscreened.
+
+Completeness: every field that carries text a model reads is collected here (content strings, text
+parts of every text type, reasoning, tool-call arguments, unknown message fields' strings); a part
+type that cannot be screened is refused unless the route lets it through (`unscreened_parts`).
+Guards see the normalised copy (see normalize.py); the forwarded body is never changed.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from proxy.errors import BadRequest
 from proxy.guards.guard import Image, ScreenText, Speaker, TextSource, Turn
-from proxy.protocol import ChatRequest, ChoiceMessage, ImagePart, Message, TextPart
+from proxy.protocol import ChatRequest, ChoiceMessage, ContentPart, ImagePart, Message, OtherPart, TextPart
+from proxy.screening.normalize import guard_view
 
 SPEAKER: dict[str, Speaker | None] = {
     "user": "User",
@@ -25,6 +33,18 @@ SPEAKER: dict[str, Speaker | None] = {
     "system": None,
     "developer": None,
 }
+
+# Part types whose text a model reads (vLLM reads all of these as text) -> the field holding it.
+TEXT_PART_FIELDS = {
+    "text": "text",
+    "input_text": "text",
+    "output_text": "text",
+    "thinking": "thinking",
+    "refusal": "refusal",
+}
+IMAGE_PART_TYPES = frozenset({"image_url"})
+# Keys of unknown fields whose values are identifiers or binary payloads, not text a model reads.
+_NOT_TEXT_KEYS = frozenset({"id", "type", "signature", "tool_call_id", "expires_at"})
 
 
 @dataclass(frozen=True)
@@ -45,11 +65,43 @@ def tool_call_text(message: Message | ChoiceMessage) -> list[str]:
     return out
 
 
+def reasoning_text(message: Message | ChoiceMessage) -> list[str]:
+    return [t for t in (message.reasoning_content, message.reasoning) if t]
+
+
+def extra_text(extra: dict[str, Any] | None) -> list[str]:
+    """Every string inside fields the protocol models do not name: a template may render them."""
+    out: list[str] = []
+    stack: list[tuple[str, Any]] = list((extra or {}).items())
+    while stack:
+        key, value = stack.pop()
+        if key in _NOT_TEXT_KEYS:
+            continue
+        if isinstance(value, str):
+            if value:
+                out.append(value)
+        elif isinstance(value, dict):
+            stack.extend(value.items())
+        elif isinstance(value, list):
+            stack.extend((key, v) for v in value)
+    return out[::-1]
+
+
+def part_text(part: ContentPart) -> str | None:
+    """The text of a text-bearing part, None for images and other kinds."""
+    if isinstance(part, TextPart):
+        return part.text
+    if isinstance(part, OtherPart) and part.type in TEXT_PART_FIELDS:
+        value = (part.model_extra or {}).get(TEXT_PART_FIELDS[part.type])
+        return value if isinstance(value, str) else None
+    return None
+
+
 def text_parts(message: Message) -> list[str]:
     if isinstance(message.content, str):
         return [message.content]
     if isinstance(message.content, list):
-        return [part.text for part in message.content if isinstance(part, TextPart)]
+        return [t for t in (part_text(p) for p in message.content) if t is not None]
     return []
 
 
@@ -57,6 +109,36 @@ def images_of(message: Message) -> list[ImagePart]:
     if isinstance(message.content, list):
         return [part for part in message.content if isinstance(part, ImagePart)]
     return []
+
+
+def unscreened_parts(request: ChatRequest, allowed: Iterable[str]) -> list[str]:
+    """The part types that reach the model unscreened because the route allows them; any other
+    part the proxy cannot read as text or image is a 400 naming where it is."""
+    allowed = set(allowed)
+    passed: list[str] = []
+    for m, message in enumerate(request.messages):
+        if not isinstance(message.content, list):
+            continue
+        for p, part in enumerate(message.content):
+            if isinstance(part, TextPart | ImagePart):
+                continue
+            if part.type in TEXT_PART_FIELDS:
+                if part_text(part) is None:
+                    field = TEXT_PART_FIELDS[part.type]
+                    raise BadRequest(
+                        f"Content part type '{part.type}' needs a string '{field}'.",
+                        param=f"messages.{m}.content.{p}.{field}",
+                    )
+                continue
+            if part.type in IMAGE_PART_TYPES:
+                raise BadRequest("An image_url part needs image_url.url.", param=f"messages.{m}.content.{p}")
+            if part.type not in allowed:
+                raise BadRequest(
+                    f"Content part type '{part.type[:64]}' cannot be screened; this route does not accept it.",
+                    param=f"messages.{m}.content.{p}.type",
+                )
+            passed.append(part.type)
+    return sorted(set(passed))
 
 
 def decode_image(part: ImagePart) -> Image | None:
@@ -74,8 +156,18 @@ def decode_image(part: ImagePart) -> Image | None:
     return Image(data=data, media_type=header[5:].split(";")[0] or "image/png")
 
 
+def message_texts(message: Message) -> list[str]:
+    """Everything of one message a model reads as text, in reading order."""
+    texts = [message.name or "", *reasoning_text(message), *text_parts(message)]
+    if message.refusal:
+        texts.append(message.refusal)
+    texts += tool_call_text(message)
+    texts += extra_text(message.model_extra)
+    return [t for t in texts if t]
+
+
 def message_text(message: Message) -> str:
-    return "\n".join(t for t in [*text_parts(message), *tool_call_text(message)] if t)
+    return "\n".join(message_texts(message))
 
 
 def screen_texts(request: ChatRequest, roles: Iterable[str]) -> list[ScreenText]:
@@ -86,12 +178,14 @@ def screen_texts(request: ChatRequest, roles: Iterable[str]) -> list[ScreenText]
         if message.role not in wanted and not (message.role == "function" and "tool" in wanted):
             continue
         source: TextSource = "user" if message.role in ("user", "system", "developer") else "third_party"
-        texts = text_parts(message) + (tool_call_text(message) if message.role == "assistant" else [])
-        out.extend(ScreenText(t, source) for t in texts if t.strip())
+        for text in message_texts(message):
+            view = guard_view(text)
+            if view.strip():
+                out.append(ScreenText(view, source))
     return out
 
 
-def _merge(turns: list[Turn]) -> list[Turn]:
+def _merge(turns: Iterable[Turn]) -> list[Turn]:
     merged: list[Turn] = []
     for turn in turns:
         if not turn.text.strip() and not turn.images:
@@ -100,20 +194,27 @@ def _merge(turns: list[Turn]) -> list[Turn]:
             prev = merged[-1]
             text = f"{prev.text.strip()}\n\n{turn.text.strip()}".strip()
             merged[-1] = Turn(prev.speaker, text, prev.images + turn.images)
-        elif merged or turn.speaker == "User":
+        else:
             merged.append(turn)
     return merged
 
 
-def conversation(request: ChatRequest, *, include_system: bool = False) -> list[Turn]:
-    turns = []
+def _turns(request: ChatRequest, include_system: bool) -> Iterator[Turn]:
     for message in request.messages:
         speaker = SPEAKER[message.role] or ("User" if include_system else None)
         if speaker is None:
             continue
         images = tuple(img for img in (decode_image(p) for p in images_of(message)) if img is not None)
-        turns.append(Turn(speaker, message_text(message), images if speaker == "User" else ()))
-    return _merge(turns)
+        yield Turn(speaker, guard_view(message_text(message)), images if speaker == "User" else ())
+
+
+def conversation(request: ChatRequest, *, include_system: bool = False) -> list[Turn]:
+    """The request's turns; a leading Agent turn is judged as User text (the format starts with User)."""
+    turns = _merge(_turns(request, include_system))
+    if turns and turns[0].speaker == "Agent":
+        turns[0] = Turn("User", turns[0].text, turns[0].images)
+        turns = _merge(turns)
+    return turns
 
 
 def input_conversation(request: ChatRequest, *, include_system: bool = False) -> list[Turn]:
@@ -125,22 +226,36 @@ def input_conversation(request: ChatRequest, *, include_system: bool = False) ->
 
 
 def output_conversation(request: ChatRequest, reply: Reply, *, include_system: bool = False) -> list[Turn]:
-    return _merge([*conversation(request, include_system=include_system), Turn("Agent", reply.text)])
+    """The conversation plus the reply as the last Agent turn; empty when the reply has no text."""
+    text = guard_view(reply.text)
+    if not text.strip():
+        return []
+    return _merge([*conversation(request, include_system=include_system), Turn("Agent", text)])
 
 
 def reply_text(message: ChoiceMessage | None) -> str:
     if message is None:
         return ""
-    parts = [message.content or "", *tool_call_text(message)]
+    parts = [*reasoning_text(message), message.content or "", *tool_call_text(message)]
     if message.refusal:
         parts.append(message.refusal)
+    parts += extra_text(_reply_extra(message.model_extra))
     return "\n".join(p for p in parts if p)
+
+
+def _reply_extra(extra: dict[str, Any] | None) -> dict[str, Any]:
+    """A reply's `audio` carries base64 sound the guard cannot read: its transcript is screened."""
+    out = dict(extra or {})
+    audio = out.get("audio")
+    if isinstance(audio, dict):
+        out["audio"] = {k: v for k, v in audio.items() if k != "data"}
+    return out
 
 
 def count_limits(request: ChatRequest) -> tuple[int, int]:
     """(characters, images) over every message the model will read."""
     chars = images = 0
     for message in request.messages:
-        chars += sum(len(t) for t in text_parts(message)) + sum(len(t) for t in tool_call_text(message))
+        chars += sum(len(t) for t in message_texts(message))
         images += len(images_of(message))
     return chars, images

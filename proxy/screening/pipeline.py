@@ -15,7 +15,7 @@ from typing import Literal
 
 import structlog
 
-from proxy.guards.guard import ConversationGuard, Guard, GuardError, ScreenText, TextGuard, Turn
+from proxy.guards.guard import ConversationGuard, Guard, GuardError, GuardLimitExceeded, ScreenText, TextGuard, Turn
 from proxy.policy.models import DEFAULT_TEXT_ROLES, CheckSettings, RouteSettings
 from proxy.protocol import ChatRequest
 from proxy.screening.collect import Reply, input_conversation, output_conversation, screen_texts
@@ -39,6 +39,8 @@ class CheckResult:
     skipped: bool = False
     choice: int | None = None
     windows: int | None = None
+    over_limit: bool = False
+    """The error is the guard's `max_tokens`: the text is too long to screen, retrying won't help."""
 
     @property
     def hit(self) -> bool:
@@ -52,6 +54,8 @@ class CheckResult:
             out["categories"] = list(self.categories)
         if self.error:
             out["error"] = self.error
+        if self.over_limit:
+            out["over_limit"] = True
         if self.skipped:
             out["skipped"] = True
         if self.choice is not None:
@@ -138,6 +142,7 @@ async def _run_check(
         result.error = f"timed out after {route.guard_timeout_s:g}s"
     except GuardError as exc:
         result.error = str(exc) or type(exc).__name__
+        result.over_limit = isinstance(exc, GuardLimitExceeded)
     except Exception as exc:  # a guard bug must not crash the request; it is a guard error
         log.exception("guard_failed", guard=check.guard)
         result.error = f"{type(exc).__name__}: {exc}"

@@ -54,7 +54,14 @@ class Tenants:
 def bearer_key(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
+    key: str | None = None
     if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    api_key = request.headers.get("api-key")  # Azure OpenAI clients send this header
-    return api_key.strip() if api_key else None
+        key = value.strip()
+    else:
+        api_key = request.headers.get("api-key")  # Azure OpenAI clients send this header
+        key = api_key.strip() if api_key else None
+    # Keys are printable ASCII; anything else (raw non-UTF-8 bytes arrive as surrogate escapes) is
+    # refused here, before it is compared, logged or forwarded.
+    if key is not None and not (key.isascii() and key.isprintable()):
+        raise Unauthorized("The API key contains characters that are not allowed.")
+    return key

@@ -1,0 +1,51 @@
+"""Parsing a client's JSON body safely, before anything else reads it: syntax, nesting depth and
+text that no guard (and no UTF-8 upstream) can read are 400s, never a 500 or a guard failure."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from proxy.errors import BadRequest
+
+
+def parse_json_object(raw: bytes, *, max_depth: int) -> dict[str, Any]:
+    try:
+        payload = json.loads(raw)
+    except RecursionError as exc:
+        raise BadRequest(f"The JSON body is nested too deeply (limit {max_depth}).") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"We could not parse the JSON body of your request: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    check_values(payload, max_depth=max_depth)
+    return payload
+
+
+def check_values(payload: Any, *, max_depth: int) -> None:
+    """Walk every value once (iteratively): depth within the limit, every string valid Unicode
+    (a lone surrogate such as `\\ud800` is legal JSON but cannot be encoded, screened or sent)."""
+    stack: list[tuple[Any, int, str]] = [(payload, 1, "")]
+    while stack:
+        value, depth, path = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, path)
+            continue
+        if not isinstance(value, dict | list):
+            continue
+        if depth > max_depth:
+            raise BadRequest(f"The JSON body is nested too deeply (limit {max_depth}).", param=path or None)
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str):
+                _check_text(key, path)
+            stack.append((item, depth + 1, f"{path}.{key}" if path else str(key)))
+
+
+def _check_text(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadRequest(
+            "The request contains text that is not valid Unicode (a lone surrogate).", param=path or None
+        ) from exc
