@@ -72,9 +72,19 @@ def _scalar(node: yaml.Node) -> Any:
 
 def load_yaml(path: Path) -> YamlDoc:
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    return parse_yaml(path, data)
+
+
+def parse_yaml(path: Path, data: bytes) -> YamlDoc:
+    """Parse bytes already read from `path` (named in messages only): callers that fingerprint a
+    file parse exactly the bytes they fingerprinted."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from exc
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:

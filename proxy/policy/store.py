@@ -1,7 +1,8 @@
 """Loading, validating, inheriting and hot-reloading policy files.
 
 A PolicySet is immutable; the store swaps it atomically when files change, so a request keeps the
-set it started with. A bad file is rejected with a logged error and the previous set keeps serving.
+set it started with. A reload takes the files only once their content is stable (identical across
+two polls) and valid; a bad set is rejected with a logged error and the previous set keeps serving.
 """
 
 from __future__ import annotations
@@ -18,17 +19,19 @@ import structlog
 from pydantic import ValidationError
 
 from proxy.policy.models import Policy, PolicyFile, RouteSettings
-from proxy.yaml_source import ConfigError, Loc, YamlDoc, describe, load_yaml
+from proxy.yaml_source import ConfigError, Loc, YamlDoc, describe, parse_yaml
 
 log = structlog.get_logger("proxy.policy")
 
 GuardKind = Literal["text", "conversation"]
+# (file name, sha256 of its bytes) for every policy file, sorted: what a set was built from.
+Fingerprint = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
 class PolicySet:
     policies: Mapping[str, Policy]
-    fingerprint: tuple[tuple[str, float, int], ...] = ()
+    fingerprint: Fingerprint = ()
 
     def get(self, name: str) -> Policy:
         return self.policies[name]
@@ -67,27 +70,43 @@ def _merge_routes(parent: list[dict[str, Any]], child: list[dict[str, Any]]) -> 
     return new + merged
 
 
-def _fingerprint(directory: Path) -> tuple[tuple[str, float, int], ...]:
-    out = []
+@dataclass(frozen=True)
+class Snapshot:
+    """The bytes of every policy file as read in one pass; a set is parsed from these bytes only."""
+
+    files: Mapping[str, bytes]
+
+    @property
+    def fingerprint(self) -> Fingerprint:
+        return tuple((name, hashlib.sha256(data).hexdigest()) for name, data in self.files.items())
+
+
+def read_snapshot(directory: Path) -> Snapshot:
+    if not directory.is_dir():
+        raise ConfigError([f"{directory}: policies directory does not exist"])
+    files: dict[str, bytes] = {}
     for path in sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml")):
         try:
-            st = path.stat()
-        except OSError:
-            continue
-        out.append((path.name, st.st_mtime, st.st_size))
-    return tuple(out)
+            files[path.name] = path.read_bytes()
+        except FileNotFoundError:
+            continue  # replaced or removed since the listing; the next poll sees the new state
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    return Snapshot(files)
 
 
 def load_policies(directory: Path, ctx: PolicyContext) -> PolicySet:
     """Read every policy file, resolve `extends:`, validate; raise ConfigError listing every problem."""
-    if not directory.is_dir():
-        raise ConfigError([f"{directory}: policies directory does not exist"])
-    fingerprint = _fingerprint(directory)
+    return build_policies(directory, read_snapshot(directory), ctx)
+
+
+def build_policies(directory: Path, snapshot: Snapshot, ctx: PolicyContext) -> PolicySet:
+    """Validate a snapshot's files as one set; raise ConfigError listing every problem."""
     docs: dict[str, YamlDoc] = {}
     problems: list[str] = []
-    for name, *_ in fingerprint:
+    for name, data in snapshot.files.items():
         try:
-            doc = load_yaml(directory / name)
+            doc = parse_yaml(directory / name, data)
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
@@ -112,7 +131,7 @@ def load_policies(directory: Path, ctx: PolicyContext) -> PolicySet:
             problems.extend(exc.problems)
     if problems:
         raise ConfigError(sorted(set(problems), key=problems.index))
-    return PolicySet(policies=policies, fingerprint=fingerprint)
+    return PolicySet(policies=policies, fingerprint=snapshot.fingerprint)
 
 
 def _check_routes_alone(doc: YamlDoc) -> list[str]:
@@ -220,7 +239,12 @@ def _cross_check(route: RouteSettings, ctx: PolicyContext, doc: YamlDoc, at: Loc
 
 
 class PolicyStore:
-    """Holds the current PolicySet and reloads it when a file under the directory changes."""
+    """Holds the current PolicySet and reloads it when the content of the directory's files changes.
+
+    Editors and `kubectl cp` write files in place, so a poll can see half a file that still parses
+    (a truncated policy without its last checks). A new snapshot is therefore only taken once the
+    next poll reads the same bytes, and it is parsed from exactly those bytes.
+    """
 
     def __init__(self, directory: Path, ctx: PolicyContext, *, reload_interval_s: float = 1.0) -> None:
         self.directory = directory
@@ -228,28 +252,52 @@ class PolicyStore:
         self.reload_interval_s = reload_interval_s
         self.current = load_policies(directory, ctx)
         self.reload_failures = 0
+        self.polls = 0
+        self._seen: Fingerprint = self.current.fingerprint  # what the previous poll read
+        self._rejected: Fingerprint | None = None  # the last content rejected (logged once)
 
     def check_for_changes(self) -> bool:
-        """Reload if the directory changed; True if a new set was installed."""
-        if _fingerprint(self.directory) == self.current.fingerprint:
-            return False
+        """One poll: True if a new set was installed."""
         try:
-            fresh = load_policies(self.directory, self.ctx)
+            return self._poll()
+        finally:
+            self.polls += 1
+
+    def _poll(self) -> bool:
+        try:
+            snapshot = read_snapshot(self.directory)
         except ConfigError as exc:
+            return self._reject((("", "\n".join(exc.problems)),), exc)
+        seen, self._seen = self._seen, snapshot.fingerprint
+        if snapshot.fingerprint == self.current.fingerprint:
+            self._rejected = None  # back to the serving content: a later bad save is news again
+            return False
+        if snapshot.fingerprint == self._rejected or snapshot.fingerprint != seen:
+            return False  # already reported, or changed since the last poll (maybe still being written)
+        try:
+            fresh = build_policies(self.directory, snapshot, self.ctx)
+        except ConfigError as exc:
+            return self._reject(snapshot.fingerprint, exc)
+        self.current, self._rejected = fresh, None
+        log.info("policy_reloaded", versions={n: p.version for n, p in fresh.policies.items()})
+        return True
+
+    def _reject(self, fingerprint: Fingerprint, exc: ConfigError) -> bool:
+        if fingerprint != self._rejected:
+            self._rejected = fingerprint
             self.reload_failures += 1
-            # Remember the bad fingerprint so one bad save logs once, not every interval.
-            self.current = PolicySet(self.current.policies, _fingerprint(self.directory))
             log.error(
                 "policy_reload_rejected",
                 problems=exc.problems,
                 serving={n: p.version for n, p in self.current.policies.items()},
             )
-            return False
-        self.current = fresh
-        log.info("policy_reloaded", versions={n: p.version for n, p in fresh.policies.items()})
-        return True
+        return False
 
     async def watch(self) -> None:
         while True:
             await asyncio.sleep(self.reload_interval_s)
-            await asyncio.to_thread(self.check_for_changes)
+            try:
+                await asyncio.to_thread(self.check_for_changes)
+            except Exception:
+                # A bug on one poll must not end reloading for the life of the process.
+                log.exception("policy_reload_failed")
