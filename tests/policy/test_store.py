@@ -119,7 +119,7 @@ def test_validation_errors_name_file_line_and_key(tmp_path: Path, text: str, exp
 
 def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "default.yaml").write_bytes(b"routes:\n  - name: \xff\n")
-    with pytest.raises(ConfigError, match=r"default.yaml: not UTF-8 text \(byte 19\)"):
+    with pytest.raises(ConfigError, match=r"default.yaml: not UTF-8 text \(byte 18\)"):
         load_policies(tmp_path, CTX)
 
 
