@@ -10,6 +10,7 @@ import sys
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+HELD_BYTES_BUCKETS = tuple(float(4**k * 1024) for k in range(10))  # 1 KiB .. 256 MiB
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -70,6 +71,19 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             "guardrail_upstream_errors", "Upstream failures by kind", ["upstream", "kind"], registry=r
+        )
+        self.held_bytes = Histogram(
+            "guardrail_held_reply_bytes",
+            "Bytes of one upstream reply held until checked, by kind (stream, json)",
+            ["kind"],
+            buckets=HELD_BYTES_BUCKETS,
+            registry=r,
+        )
+        self.held_over_cap = Counter(
+            "guardrail_held_reply_over_cap",
+            "Upstream replies refused for going over max_held_bytes or max_stream_events",
+            ["kind", "cap"],
+            registry=r,
         )
         self.in_flight = Gauge("guardrail_in_flight_requests", "Requests being handled", registry=r)
         self.queue_depth = Gauge(

@@ -34,6 +34,10 @@ class ServerSettings(Strict):
     port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: int = Field(default=4_000_000, ge=1024)
     keepalive_interval_s: float = Field(default=5.0, gt=0)
+    max_held_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="most bytes of one upstream reply held until it is checked"
+    )
+    max_stream_events: int = Field(default=100_000, ge=1, description="most SSE events of one held upstream stream")
     log_content: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     policy_reload_interval_s: float = Field(default=1.0, gt=0)

@@ -38,10 +38,20 @@ from proxy.server.state import (
     bind_tenant,
     record_of,
 )
-from proxy.streaming.buffered import hold, refusal_stream, replay
+from proxy.streaming.buffered import (
+    HeldStream,
+    ReplyTooLarge,
+    hold,
+    hold_body,
+    parse_completion,
+    refusal_stream,
+    replay,
+    unrelayable_status,
+)
 from proxy.streaming.held_response import SSE_HEADERS, HeldResponse
-from proxy.streaming.sse import DONE, MalformedStream
+from proxy.streaming.shape import MalformedReply
 from proxy.upstream.relay import Outgoing, Upstream, rewrite_body
+from proxy.upstream.relay import Reply as UpstreamReply
 
 CHAT_PATH = "/v1/chat/completions"
 
@@ -247,22 +257,23 @@ async def relay_json(
     record, started = record_of(request), time.perf_counter()
     try:
         async with upstream.open(out) as reply:
-            body = await reply.body()
             status, upstream_headers = reply.status, dict(reply.headers)
+            body = await read_reply(request, record, reply)
     except UpstreamError as exc:
         upstream_failed(request, record, exc.code or "error")
         raise
     record.upstream_ms = round((time.perf_counter() - started) * 1000, 2)
     request.app[METRICS].upstream_latency.labels(upstream.name).observe(record.upstream_ms / 1000)
     if status != 200:
-        upstream_failed(request, record, f"http_{status}")
         return relay_unchanged(status, body, upstream_headers, headers, record.decision)
     try:
-        completion_json = json.loads(body)
+        completion_json = parse_completion(body)
         completion = ChatCompletion.model_validate(completion_json)
-    except (ValueError, ValidationError) as exc:
+    except (MalformedReply, ValidationError) as exc:
         upstream_failed(request, record, "malformed")
-        raise UpstreamError("The upstream returned a malformed chat completion.") from exc
+        # Our own words only: a validation error would quote the upstream's unscreened text.
+        detail = f": {exc}" if isinstance(exc, MalformedReply) else ""
+        raise UpstreamError(f"The upstream returned a malformed chat completion{detail}.") from exc
     replies = [Reply(c.index, reply_text(c.message)) for c in completion.choices]
     blocked, failure = await decide_output(request, route, chat, replies, verdict_in)
     if failure is not None:
@@ -271,6 +282,23 @@ async def relay_json(
         return relay_unchanged(200, body, upstream_headers, headers, record.decision)
     replaced = replace_choices(completion_json, blocked, route.refusal)
     return web.json_response(replaced, headers={**headers, "x-guardrail-decision": "block"})
+
+
+async def read_reply(request: web.Request, record: Record, reply: UpstreamReply) -> bytes:
+    """A non-streamed reply's body (or an error status's), up to `max_held_bytes`. Only 200 is
+    screened and only 4xx/5xx are relayed unchanged: any other status is a 502."""
+    metrics = request.app[METRICS]
+    if reply.status != 200:
+        upstream_failed(request, record, f"http_{reply.status}")
+        if (error := unrelayable_status(reply.status)) is not None:
+            raise error
+    try:
+        body = await hold_body(reply.chunks(), request.app[SETTINGS].server.max_held_bytes)
+    except ReplyTooLarge as exc:
+        metrics.held_over_cap.labels("json", exc.cap).inc()
+        raise
+    metrics.held_bytes.labels("json").observe(len(body))
+    return body
 
 
 async def relay_stream(
@@ -287,27 +315,35 @@ async def relay_stream(
     try:
         async with upstream.open(out) as reply:
             if reply.status != 200:
-                upstream_failed(request, record, f"http_{reply.status}")
-                body = await reply.body()
+                body = await read_reply(request, record, reply)
                 return relay_unchanged(reply.status, body, dict(reply.headers), headers, record.decision)
             async with HeldResponse(request, headers, interval) as held_response:
-                try:
-                    held = await hold(reply.chunks())
-                except MalformedStream as exc:
-                    upstream_failed(request, record, "malformed_stream")
-                    return await held_response.send_error(UpstreamError(f"The upstream stream broke: {exc}."))
-                except ProxyError as exc:
-                    upstream_failed(request, record, exc.code or "error")
-                    return await held_response.send_error(exc)
+                held = await hold_stream(request, record, reply)
                 record.upstream_ms = round((time.perf_counter() - started) * 1000, 2)
-                if held.error is not None:
-                    # Relay the upstream's error, never the unchecked content that came before it.
-                    upstream_failed(request, record, "stream_error_event")
-                    return await held_response.send([held.events[-1].raw, DONE], record.decision)
                 return await finish_stream(request, route, chat, held_response, held, verdict_in)
+            # Only after the headers went out: the held response ended the stream with an error event.
+            record.error = record.error or held_response.failure
+            return held_response.result()
     except UpstreamError as exc:
         upstream_failed(request, record, exc.code or "error")
         raise
+
+
+async def hold_stream(request: web.Request, record: Record, reply: UpstreamReply) -> HeldStream:
+    """The whole upstream stream, held; every failure is an UpstreamError, counted once."""
+    server, metrics = request.app[SETTINGS].server, request.app[METRICS]
+    try:
+        held = await hold(reply.chunks(), max_bytes=server.max_held_bytes, max_events=server.max_stream_events)
+    except MalformedReply as exc:
+        upstream_failed(request, record, "malformed_stream")
+        raise UpstreamError(f"The upstream stream broke: {exc}.") from exc
+    except UpstreamError as exc:
+        if isinstance(exc, ReplyTooLarge):
+            metrics.held_over_cap.labels("stream", exc.cap).inc()
+        upstream_failed(request, record, exc.code or "error")
+        raise
+    metrics.held_bytes.labels("stream").observe(held.received)
+    return held
 
 
 async def finish_stream(
@@ -315,7 +351,7 @@ async def finish_stream(
     route: RouteSettings,
     chat: ChatRequest,
     held_response: HeldResponse,
-    held: Any,
+    held: HeldStream,
     verdict_in: Verdict,
 ) -> web.StreamResponse:
     blocked, failure = await decide_output(request, route, chat, held.replies(), verdict_in)

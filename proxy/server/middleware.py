@@ -1,4 +1,5 @@
-"""Middleware: request id, the OpenAI error envelope for every failure, the per-request record."""
+"""Middleware: request id, the OpenAI error envelope for every failure, the per-request record.
+A stream whose headers already went out is never answered twice: its held response ends it."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy.errors import NotFound, ProxyError
+from proxy.errors import BadRequest, NotFound, ProxyError
 from proxy.protocol import error_body
 from proxy.server.state import METRICS, RECORD, Record
+from proxy.streaming.held_response import HELD, HeldResponse
 
 log = structlog.get_logger("proxy.request")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -50,24 +52,38 @@ async def record_middleware(request: web.Request, handler: Handler) -> web.Strea
 async def _handle(request: web.Request, handler: Handler, record: Record) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ProxyError as exc:
+    except Exception as exc:
+        held: HeldResponse | None = request.get(HELD)
+        if held is not None and held.prepared:
+            # The stream's headers left: the held response ends it with one final error event;
+            # a second response here would be written into the SSE body.
+            response = await held.fail(exc)
+            record.error = record.error or held.failure
+            return response
+        return _error(request, exc, record)
+
+
+def _error(request: web.Request, exc: Exception, record: Record) -> web.StreamResponse:
+    if isinstance(exc, web.RequestPayloadError):
+        # The body could not be read as sent (e.g. `Content-Encoding: gzip` on a plain body): the client's fault.
+        exc = BadRequest("The request body could not be read; check its Content-Encoding and Content-Length.")
+    if isinstance(exc, ProxyError):
         record.error = record.error or exc.code
         if exc.status == 503 and record.policy is not None:
             record.decision = "block"
         return error_response(exc, record)
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status == 404:
             return error_response(NotFound(f"Unknown path {request.path}"), record)
         body = error_body(exc.reason, "invalid_request_error", f"http_{exc.status}")
         return web.json_response(body, status=exc.status, headers={"x-request-id": record.request_id})
-    except Exception:
-        log.exception("unhandled_error", request_id=record.request_id, path=request.path)
-        record.error = "internal_error"
-        return web.json_response(
-            error_body("The proxy failed to handle the request.", "server_error", "internal_error"),
-            status=500,
-            headers={"x-request-id": record.request_id},
-        )
+    log.error("unhandled_error", exc_info=exc, request_id=record.request_id, path=request.path)
+    record.error = "internal_error"
+    return web.json_response(
+        error_body("The proxy failed to handle the request.", "server_error", "internal_error"),
+        status=500,
+        headers={"x-request-id": record.request_id},
+    )
 
 
 def _finish(request: web.Request, record: Record) -> None:

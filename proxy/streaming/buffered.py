@@ -1,39 +1,96 @@
 """The buffered relay: hold every upstream event, rebuild each choice's text for the output check,
 then replay the events unchanged, or with blocked choices cut out and refused.
 
-Nothing from the upstream reaches the client before the whole reply passed its checks.
+Nothing from the upstream reaches the client before the whole reply passed its checks. What is held
+is bounded (`max_held_bytes`, `max_stream_events`) and kept once: the events' bytes in one buffer
+plus each choice's text; an event is parsed again only when a blocked reply must be rewritten.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from array import array
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.errors import UpstreamError
+from proxy.protocol import error_body
 from proxy.screening.collect import Reply
-from proxy.streaming.sse import DONE, Event, MalformedStream, encode, read_events
+from proxy.streaming.shape import (
+    CHOICE_FIELDS,
+    KNOWN_FIELDS,
+    MalformedReply,
+    check_completion,
+    content_text,
+    index_of,
+    items,
+    mapping,
+    other_text,
+    text_of,
+    token,
+    tool_calls_of,
+)
+from proxy.streaming.sse import DONE, Event, EventReader, MalformedStream, data_of, encode
+
+REPLAY_PIECE_BYTES = 64 * 1024
+_YIELD_EVERY_EVENTS = 512  # a read with many events gives the loop a turn this often
+
+
+class ReplyTooLarge(UpstreamError):
+    """The upstream's reply is over a cap on what the proxy holds for checking."""
+
+    code = "upstream_reply_too_large"
+
+    def __init__(self, cap: str, limit: int, unit: str) -> None:
+        super().__init__(f"The upstream's reply is over the proxy's {cap} ({limit} {unit}); it was not relayed.")
+        self.cap = cap
+
+
+class UpstreamReported(UpstreamError):
+    """The upstream sent an error event: its message is text nobody screened, so the client gets
+    the proxy's own message, naming the upstream's `type` and `code` only when they are plain tokens."""
+
+    code = "upstream_stream_error"
+
+    def __init__(self, error: Any) -> None:
+        error = error if isinstance(error, dict) else {}
+        upstream_type = token(error.get("type"))
+        said = f" ({upstream_type})" if upstream_type else ""
+        super().__init__(f"The upstream reported an error mid-stream{said}.")
+        self.upstream_code = token(error.get("code"))
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.upstream_code or self.code)
 
 
 @dataclass
 class _ChoiceText:
+    reasoning: list[str] = field(default_factory=list)
     content: list[str] = field(default_factory=list)
     tools: dict[int, list[str]] = field(default_factory=dict)
     refusal: list[str] = field(default_factory=list)
+    other: dict[str, list[str]] = field(default_factory=dict)
 
     def text(self) -> str:
-        parts = ["".join(self.content)]
+        parts = ["".join(self.reasoning), "".join(self.content)]
         parts += ["".join(args) for _, args in sorted(self.tools.items())]
         parts.append("".join(self.refusal))
+        parts += ["".join(texts) for texts in self.other.values()]
         return "\n".join(p for p in parts if p)
 
 
 @dataclass
 class HeldStream:
-    events: list[Event] = field(default_factory=list)
-    chunks: list[dict[str, Any] | None] = field(default_factory=list)
+    """The upstream events to replay (one buffer, with each event's end) and each choice's text."""
+
+    frames: bytearray = field(default_factory=bytearray)
+    ends: array[int] = field(default_factory=lambda: array("q"))
     choices: dict[int, _ChoiceText] = field(default_factory=dict)
-    error: dict[str, Any] | None = None
+    received: int = 0
+    events: int = 0
+    done: bool = False
     model: str | None = None
     id: str | None = None
     created: int | None = None
@@ -42,87 +99,146 @@ class HeldStream:
         return [Reply(index, c.text()) for index, c in sorted(self.choices.items())]
 
     def add(self, event: Event) -> None:
-        self.events.append(event)
-        if event.data is None or event.done:
-            self.chunks.append(None)
-            return
-        try:
-            chunk = json.loads(event.data)
-        except ValueError as exc:
-            raise MalformedStream("stream event data is not JSON") from exc
-        if not isinstance(chunk, dict):
-            raise MalformedStream("stream event is not a JSON object")
-        self.chunks.append(chunk)
-        if "error" in chunk:
-            self.error = chunk
-            return
-        self.model = self.model or chunk.get("model")
-        self.id = self.id or chunk.get("id")
-        self.created = self.created or chunk.get("created")
-        for choice in chunk.get("choices") or []:
-            self._add_delta(choice)
-
-    def _add_delta(self, choice: dict[str, Any]) -> None:
-        state = self.choices.setdefault(int(choice.get("index", 0)), _ChoiceText())
-        delta = choice.get("delta") or {}
-        if isinstance(delta.get("content"), str):
-            state.content.append(delta["content"])
-        if isinstance(delta.get("refusal"), str):
-            state.refusal.append(delta["refusal"])
-        for call in delta.get("tool_calls") or []:
-            fn = call.get("function") or {}
-            args = state.tools.setdefault(int(call.get("index", 0)), [])
-            if fn.get("name"):
-                args.append(f"{fn['name']}(")
-            if isinstance(fn.get("arguments"), str):
-                args.append(fn["arguments"])
-        if isinstance(delta.get("function_call"), dict):
-            fn = delta["function_call"]
-            state.tools.setdefault(-1, []).append((fn.get("name") or "") + (fn.get("arguments") or ""))
-
-
-async def hold(chunks: AsyncIterator[bytes]) -> HeldStream:
-    """Read the upstream stream to its end (`[DONE]` or an error event)."""
-    held = HeldStream()
-    saw_done = False
-    async for event in read_events(chunks):
-        held.add(event)
+        """Read one event: its text goes to its choices, its bytes to the replay buffer."""
+        if event.data is None:
+            return  # a comment or a bare field: never relayed
         if event.done:
-            saw_done = True
-            break
-        if held.error is not None:
-            break
-    if not saw_done and held.error is None:
-        raise MalformedStream("upstream stream ended before [DONE]")
-    return held
+            self.done = True
+        else:
+            self._read(_parse(event.data))
+        self.frames += event.frame()
+        self.ends.append(len(self.frames))
+
+    def stored(self) -> Iterator[bytes]:
+        start = 0
+        for end in self.ends:
+            yield bytes(self.frames[start:end])
+            start = end
+
+    def _read(self, chunk: dict[str, Any]) -> None:
+        if chunk.get("error") is not None:
+            raise UpstreamReported(chunk["error"])
+        if isinstance(chunk.get("model"), str):
+            self.model = self.model or chunk["model"]
+        if isinstance(chunk.get("id"), str):
+            self.id = self.id or chunk["id"]
+        if type(chunk.get("created")) is int:
+            self.created = self.created or chunk["created"]
+        for n, choice in enumerate(items(chunk.get("choices"), "choices")):
+            at = f"choices[{n}]"
+            choice = mapping(choice, at)
+            state = self.choices.setdefault(index_of(choice, at), _ChoiceText())
+            delta = mapping(choice.get("delta"), f"{at}.delta")
+            text_of(choice, "finish_reason", at)
+            for key in ("reasoning_content", "reasoning"):
+                _append(state.reasoning, text_of(delta, key, f"{at}.delta"))
+            _append(state.content, content_text(delta.get("content"), f"{at}.delta"))
+            _append(state.refusal, text_of(delta, "refusal", f"{at}.delta"))
+            for index, name, arguments in tool_calls_of(delta, f"{at}.delta", indexed=True):
+                state.tools.setdefault(index, []).append(f"{name}({arguments}" if name else arguments)
+            for key, texts in [*other_text(delta, KNOWN_FIELDS).items(), *other_text(choice, CHOICE_FIELDS).items()]:
+                state.other.setdefault(key, []).extend(texts)
 
 
-def replay(held: HeldStream, blocked: set[int], refusal: str) -> list[bytes]:
+def _append(texts: list[str], text: str) -> None:
+    if text:
+        texts.append(text)
+
+
+def _parse(data: str) -> dict[str, Any]:
+    try:
+        chunk = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise MalformedStream("stream event data is not JSON") from exc
+    if not isinstance(chunk, dict):
+        raise MalformedStream("stream event is not a JSON object")
+    return chunk
+
+
+async def hold(chunks: AsyncIterator[bytes], *, max_bytes: int, max_events: int) -> HeldStream:
+    """Read the upstream stream to `[DONE]`; an error event raises UpstreamReported, a cap
+    ReplyTooLarge, a broken or unreadable stream MalformedReply."""
+    held, reader = HeldStream(), EventReader()
+    async for chunk in chunks:
+        held.received += len(chunk)
+        if held.received > max_bytes:
+            raise ReplyTooLarge("max_held_bytes", max_bytes, "bytes")
+        if await _add_all(held, reader.feed(chunk), max_events):
+            return held
+    if await _add_all(held, reader.close(), max_events):
+        return held
+    raise MalformedStream("upstream stream ended before [DONE]")
+
+
+async def _add_all(held: HeldStream, events: list[Event], max_events: int) -> bool:
+    for n, event in enumerate(events, 1):
+        held.events += 1
+        if held.events > max_events:
+            raise ReplyTooLarge("max_stream_events", max_events, "events")
+        held.add(event)
+        if held.done:
+            return True
+        if n % _YIELD_EVERY_EVENTS == 0:
+            await asyncio.sleep(0)
+    return False
+
+
+async def hold_body(chunks: AsyncIterator[bytes], max_bytes: int) -> bytes:
+    """A non-streamed reply's body, read up to `max_held_bytes`."""
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > max_bytes:
+            raise ReplyTooLarge("max_held_bytes", max_bytes, "bytes")
+    return bytes(body)
+
+
+def parse_completion(body: bytes) -> Any:
+    """A JSON reply's body parsed and its shape checked (MalformedReply otherwise)."""
+    try:
+        completion = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise MalformedReply("the reply is not JSON") from exc
+    check_completion(completion)
+    return completion
+
+
+def unrelayable_status(status: int) -> UpstreamError | None:
+    """Only 200 is read and screened and only 4xx/5xx errors are relayed as they are: any other
+    status (1xx, 201-299, 3xx) carries a body nobody checked."""
+    if status == 200 or 400 <= status < 600:
+        return None
+    return UpstreamError(f"The upstream answered with HTTP {status}, which the proxy does not relay.")
+
+
+def replay(held: HeldStream, blocked: set[int], refusal: str) -> Iterator[bytes]:
     """The bytes to send: upstream events as they came, blocked choices' deltas removed and each
     blocked choice answered with a refusal (role, content, finish_reason content_filter)."""
     if not blocked:
-        return [e.raw for e in held.events]
-    out: list[bytes] = []
+        for start in range(0, len(held.frames), REPLAY_PIECE_BYTES):
+            yield bytes(held.frames[start : start + REPLAY_PIECE_BYTES])
+        return
     refused = False
-    for event, chunk in zip(held.events, held.chunks, strict=True):
-        if chunk is None:
-            if event.done and not refused:
-                out.extend(refusal_events(held, blocked, refusal))
+    for frame in held.stored():
+        data = data_of(frame)
+        if data.strip() == "[DONE]":
+            if not refused:
+                yield from refusal_events(held, blocked, refusal)
                 refused = True
-            out.append(event.raw)
+            yield frame
             continue
+        chunk = json.loads(data)  # read and checked once already
         choices = chunk.get("choices") or []
-        kept = [c for c in choices if int(c.get("index", 0)) not in blocked]
+        kept = [c for c in choices if c.get("index", 0) not in blocked]
         if len(kept) == len(choices):
             if not choices and not refused:  # the usage chunk comes after every choice finished
-                out.extend(refusal_events(held, blocked, refusal))
+                yield from refusal_events(held, blocked, refusal)
                 refused = True
-            out.append(event.raw)
+            yield frame
         elif kept:
-            out.append(encode({**chunk, "choices": kept}))
+            yield encode({**chunk, "choices": kept})
     if not refused:
-        out.extend(refusal_events(held, blocked, refusal))
-    return out
+        yield from refusal_events(held, blocked, refusal)
 
 
 def refusal_events(held: HeldStream, indexes: set[int], refusal: str) -> list[bytes]:

@@ -1,70 +1,131 @@
 """Server-sent events as the OpenAI API writes them: `data: <json>` events, blank-line separated,
-ending with `data: [DONE]`. Events keep their raw bytes so an allowed stream is replayed unchanged."""
+ending with `data: [DONE]`. The upstream's bytes are parsed here, once each, as they arrive."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import re
 from dataclasses import dataclass
 from typing import Any
+
+from proxy.streaming.shape import MalformedReply
 
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"
 
+# SSE lines end with CRLF, LF or CR; upstreams mix them.
+_EOL = re.compile(rb"\r\n|\r|\n")
 
-@dataclass(frozen=True)
+
+class MalformedStream(MalformedReply):
+    """The upstream's stream is not valid SSE / JSON."""
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
     raw: bytes
+    """The event's bytes as they came, its blank line included."""
     data: str | None
+    """Its data lines joined by newlines; None when it has none (comments, bare `id:` / `retry:`)."""
+    data_only: bool = True
+    """No comment or other field lines: the event can be relayed byte for byte."""
 
     @property
     def done(self) -> bool:
         return self.data is not None and self.data.strip() == "[DONE]"
 
+    def frame(self) -> bytes:
+        """What may reach the client: the raw bytes of a data-only event, else its data re-framed
+        (comments, `event:`, `id:` and `retry:` lines of an upstream are never relayed)."""
+        if self.data_only or self.data is None:
+            return self.raw
+        return frame_data(self.data)
 
-class MalformedStream(Exception):
-    """The upstream's stream is not valid SSE / JSON."""
+
+def frame_data(data: str) -> bytes:
+    return b"".join(b"data: " + line.encode() + b"\n" for line in data.split("\n")) + b"\n"
 
 
 def encode(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
-def _parse(raw: bytes) -> Event:
-    data_lines = []
-    for line in raw.replace(b"\r\n", b"\n").split(b"\n"):
-        if line.startswith(b"data:"):
-            value = line[5:]
-            data_lines.append(value[1:] if value.startswith(b" ") else value)
-    if not data_lines:
-        return Event(raw, None)
-    try:
-        return Event(raw, b"\n".join(data_lines).decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise MalformedStream("stream event is not UTF-8") from exc
+class EventReader:
+    """An incremental SSE parser: `feed` bytes as they arrive, get the events they complete.
 
+    Linear in the bytes received: each byte is searched once (a partial line is not rescanned when
+    more arrives), and consumed bytes are dropped from the front of the buffer."""
 
-async def read_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[Event]:
-    """Split a byte stream into events; a trailing partial event is an error (broken stream)."""
-    buffer = b""
-    async for chunk in chunks:
-        buffer += chunk
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._line = 0  # start of the next unread line
+        self._scan = 0  # no line end lies in [_line, _scan)
+        self._start = 0  # start of the event being read
+        self._data: list[bytes] = []
+        self._other = False
+
+    @property
+    def pending(self) -> int:
+        """Bytes held for an event that is not complete yet."""
+        return len(self._buf) - self._start
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        self._buf += chunk
+        events = self._read_lines(final=False)
+        if self._start:
+            del self._buf[: self._start]  # O(1) at the front of a bytearray
+            self._line -= self._start
+            self._scan -= self._start
+            self._start = 0
+        return events
+
+    def close(self) -> list[Event]:
+        """The stream ended: a last event without its blank line is an error (broken stream)."""
+        events = self._read_lines(final=True)
+        if self._data or self._other or self._buf[self._line :].strip():
+            raise MalformedStream("stream ended inside an event")
+        return events
+
+    def _read_lines(self, *, final: bool) -> list[Event]:
+        buf, events = self._buf, list[Event]()
         while True:
-            cut = _boundary(buffer)
-            if cut is None:
-                break
-            end, size = cut
-            raw, buffer = buffer[: end + size], buffer[end + size :]
-            if raw.strip():
-                yield _parse(raw)
-    if buffer.strip():
-        raise MalformedStream("stream ended inside an event")
+            match = _EOL.search(buf, self._scan)
+            if match is None:
+                self._scan = len(buf)
+                return events
+            end = match.end()
+            if end == len(buf) and match.group() == b"\r" and not final:
+                self._scan = match.start()  # maybe the first half of a CRLF split across reads
+                return events
+            line = bytes(buf[self._line : match.start()])
+            self._line = self._scan = end
+            if line:
+                self._add_line(line)
+            elif self._data or self._other:
+                events.append(self._dispatch(bytes(buf[self._start : end])))
+            else:
+                self._start = end  # a stray blank line belongs to no event
+
+    def _add_line(self, line: bytes) -> None:
+        field, colon, value = line.partition(b":")
+        if field == b"data":
+            self._data.append(value[1:] if colon and value.startswith(b" ") else value)
+        else:
+            self._other = True
+
+    def _dispatch(self, raw: bytes) -> Event:
+        data_lines, other = self._data, self._other
+        self._data, self._other, self._start = [], False, self._line
+        if not data_lines:
+            return Event(raw, None, data_only=False)
+        try:
+            data = b"\n".join(data_lines).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MalformedStream("stream event is not UTF-8") from exc
+        return Event(raw, data, data_only=not other)
 
 
-def _boundary(buffer: bytes) -> tuple[int, int] | None:
-    best = None
-    for sep in (b"\n\n", b"\r\n\r\n"):
-        idx = buffer.find(sep)
-        if idx != -1 and (best is None or idx < best[0]):
-            best = (idx, len(sep))
-    return best
+def data_of(frame: bytes) -> str:
+    """The data of one data-only event as the held stream stored it."""
+    lines = [line for line in _EOL.split(frame) if line]
+    return b"\n".join(line[6:] if line.startswith(b"data: ") else line[5:] for line in lines).decode("utf-8")

@@ -91,19 +91,25 @@ class _AiohttpReply:
     async def body(self) -> bytes:
         try:
             return await self._resp.read()
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamTimeout(f"upstream {self._name} timed out while sending its reply") from exc
+        except aiohttp.ServerTimeoutError as exc:
+            raise UpstreamTimeout(f"upstream {self._name} stopped sending (read timeout)") from exc
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"upstream {self._name} did not finish its reply within its total timeout") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream {self._name} broke off its reply: {type(exc).__name__}") from exc
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        # aiohttp raises ServerTimeoutError when `sock_read` passes between chunks, and a plain
+        # TimeoutError when the request's `total` time is up.
         try:
             async for chunk in self._resp.content.iter_any():
                 yield chunk
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        except aiohttp.ServerTimeoutError as exc:
             raise UpstreamTimeout(f"upstream {self._name} stopped sending (read timeout)") from exc
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"upstream {self._name} did not finish its reply within its total timeout") from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"upstream {self._name} broke off its stream: {type(exc).__name__}") from exc
+            raise UpstreamError(f"upstream {self._name} broke off its reply: {type(exc).__name__}") from exc
 
 
 class OpenAIUpstream:

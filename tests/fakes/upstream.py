@@ -29,6 +29,12 @@ class FakeUpstream:
     replies: list[str] = field(default_factory=lambda: ["Hello! How can I help you today?"])
     tool_call: dict[str, str] | None = None  # {"name": ..., "arguments": ...} when the request has tools
     mode: str = "ok"
+    # mode "raw": a stream sends these bytes as they are (None: wait for `gate` first); a JSON
+    # request, or any request when raw_status is not 200, gets `raw_body` with `raw_status`.
+    raw_chunks: list[bytes | None] = field(default_factory=list)
+    raw_body: bytes = b""
+    raw_status: int = 200
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
     delay_s: float = 0.0
     error_status: int = 500
     error_body: bytes = (
@@ -93,6 +99,8 @@ class FakeUpstream:
                 await asyncio.sleep(self.delay_s)
             if self.mode == "status":
                 return web.Response(status=self.error_status, body=self.error_body, content_type="application/json")
+            if self.mode == "raw":
+                return await self._raw(request, body)
             if self.mode == "garbage":
                 return web.Response(body=b"<html>not json</html>", content_type="application/json")
             if body.get("stream"):
@@ -220,6 +228,20 @@ class FakeUpstream:
             if self.mode == "trickle":
                 await asyncio.sleep(self.delay_s)
             await self._send(response, chunk)
+        await response.write_eof()
+        return response
+
+    async def _raw(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        if not body.get("stream") or self.raw_status != 200:
+            self.sent += self.raw_body
+            return web.Response(status=self.raw_status, body=self.raw_body, content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for chunk in self.raw_chunks:
+            if chunk is None:
+                await self.gate.wait()
+            else:
+                await self._send(response, chunk)
         await response.write_eof()
         return response
 
