@@ -100,7 +100,7 @@ def _start_guards(app: web.Application, guard_set: GuardSet | None) -> asyncio.T
         depth = app[METRICS].queue_depth.labels(runner.device)
         depth.set_function(lambda r=runner: float(r.queue_depth))  # type: ignore[misc]
         rejections = app[METRICS].queue_rejections
-        runner.on_reject = lambda reason, d=runner.device: rejections.labels(d, reason).inc()  # type: ignore[misc]
+        runner.on_reject = lambda reason, d=runner.device: rejections.labels(d, reason).inc()
     return asyncio.create_task(_load(app, guard_set))
 
 
