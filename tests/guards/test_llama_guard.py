@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from proxy.guards.guard import GuardError, Taxonomy, Turn
+from proxy.guards.guard import GuardError, GuardLimitExceeded, Taxonomy, Turn
 from proxy.guards.llama_guard import LlamaGuard
 from proxy.guards.llama_guard_prompt import FAMILIES, build, render
 from proxy.guards.runner import GuardRunner
@@ -108,3 +108,46 @@ async def test_forward_batch_chunks_give_the_same_scores(tiny: TinyModels, runne
     results = await asyncio.gather(*(small.score_conversation(c, Taxonomy()) for c in convs))
     assert [r.score > 0.99 for r in results] == [True, False, True]
     assert [r.categories for r in results] == [("S1",), (), ("S1",)]
+
+
+LONG = "The quick brown fox jumps over the lazy dog while the garden grows. " * 40
+
+
+async def test_conversation_over_max_tokens_fails_before_any_forward_pass(tiny: TinyModels) -> None:
+    runner = GuardRunner("cpu", max_wait_ms=0)
+    try:
+        guard = await load_llama_guard(tiny.lg3, runner, max_tokens=150)
+        tokens = len(guard.encode(UNSAFE, Taxonomy()))
+        before = runner.items_run
+        with pytest.raises(GuardLimitExceeded) as info:
+            await guard.score_conversation(UNSAFE, Taxonomy())
+        assert runner.items_run - before == 1  # the encoding job only
+        assert str(info.value) == f"the conversation is {tokens} tokens, over max_tokens=150 for guard llama_guard"
+        assert (info.value.tokens, info.value.limit) == (tokens, 150)
+    finally:
+        await runner.stop()
+
+
+@pytest.mark.parametrize("model", ["lg3", "lg3_graded"])
+async def test_chunked_prefill_scores_equal_one_pass(tiny: TinyModels, model: str) -> None:
+    """A prompt longer than prefill_chunk_tokens runs as many runner steps through a KV cache; the
+    trigger sits in the first chunk, so a cache that forgot earlier chunks would miss it."""
+    runner = GuardRunner("cpu", max_wait_ms=0)
+    try:
+        chunked = await load_llama_guard(getattr(tiny, model), runner, prefill_chunk_tokens=64)
+        one_pass = await load_llama_guard(getattr(tiny, model), runner, prefill_chunk_tokens=100_000)
+        for turns in ([Turn("User", "a bomb? " + LONG)], [Turn("User", LONG), Turn("Agent", "Fine. " + LONG)]):
+            tokens = len(chunked.encode(turns, Taxonomy()))
+            before = runner.batches_run
+            a = await chunked.score_conversation(turns, Taxonomy(), categories_from=0.6)
+            assert runner.batches_run - before > tokens // 64  # one step per chunk
+            b = await one_pass.score_conversation(turns, Taxonomy(), categories_from=0.6)
+            assert abs(a.score - b.score) <= 1e-4
+            assert abs(a.score_binary - b.score_binary) <= 1e-4
+            assert abs(a.mass - b.mass) <= 1e-4
+            assert a.categories == b.categories
+        assert a.categories == () and b.score < 0.5  # the second conversation is clean...
+        first = await chunked.score_conversation([Turn("User", "a bomb? " + LONG)], Taxonomy(), categories_from=0.6)
+        assert first.categories == ("S1",) and first.score_binary > 0.6  # ...the first is not
+    finally:
+        await runner.stop()
