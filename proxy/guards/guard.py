@@ -8,6 +8,7 @@ model serves every tenant.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -27,10 +28,29 @@ class GuardLimitExceeded(GuardError):
     """One check's input is over the guard's `max_tokens`: refused before any forward pass, so one
     request cannot hold the guard worker for everyone."""
 
-    def __init__(self, what: str, tokens: int, limit: int, guard: str) -> None:
-        super().__init__(f"{what} is {tokens} tokens, over max_tokens={limit} for guard {guard}")
+    def __init__(self, what: str, tokens: int, limit: int, guard: str, *, at_least: bool = False) -> None:
+        size = f"at least {tokens}" if at_least else str(tokens)
+        super().__init__(f"{what} is {size} tokens, over max_tokens={limit} for guard {guard}")
         self.tokens = tokens
         self.limit = limit
+
+
+PREFIX_CHARS_PER_TOKEN = 8
+"""Ordinary text has about 4 characters per token; a prefix of 8 per allowed token nearly always
+holds more tokens than the cap when the whole text is over it."""
+
+
+def tokens_at_least(count: Callable[[str], int], text: str, limit: int) -> int | None:
+    """The tokens of a long text's prefix when they alone exceed `limit`, else None (count it all).
+    Tokenizing is linear in characters and runs in the guard worker: a megabyte would hold it for
+    seconds, so an over-cap text is refused after tokenizing only `limit * 8` characters. The cut
+    falls on whitespace, where tokenizers split words, so the prefix's tokens begin the text's."""
+    cut = limit * PREFIX_CHARS_PER_TOKEN
+    if len(text) <= cut:
+        return None
+    space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
+    tokens = count(text[: space if space > 0 else cut])
+    return tokens if tokens > limit else None
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.guards.guard import ConversationScore, GuardError, GuardLimitExceeded, Taxonomy, Turn
+from proxy.guards.guard import ConversationScore, GuardError, GuardLimitExceeded, Taxonomy, Turn, tokens_at_least
 from proxy.guards.hub import explain, load_kwargs, pick_dtype, quiet_transformers
 from proxy.guards.llama_guard_prompt import FAMILIES, Family, build, encode_hf, read_categories, read_verdict
 from proxy.guards.runner import GuardRunner
@@ -138,23 +138,26 @@ class _Model:
 
     def prepare(self, items: list[_Item]) -> list[_Prompt | Exception]:
         """Each item's prompt, or its own error (text the tokenizer cannot encode, over max_tokens)."""
-        out: list[_Prompt | Exception] = []
-        for item in items:
-            pixels: list[Any] = []
-            try:
-                ids = self.encode(list(item.turns), item.taxonomy, pixels)
-            except GuardError as exc:
-                out.append(exc)
-                continue
-            except Exception as exc:  # the tokenizer's own error types; the text itself is never quoted
-                reason = type(exc).__name__
-                out.append(GuardError(f"guard {self.name!r}: the conversation cannot be encoded ({reason})"))
-                continue
-            if len(ids) > self.settings.token_limit:
-                out.append(GuardLimitExceeded("the conversation", len(ids), self.settings.token_limit, self.name))
-                continue
-            out.append(_Prompt(item, ids, pixels))
-        return out
+        return [self._prepare_one(item) for item in items]
+
+    def _prepare_one(self, item: _Item) -> _Prompt | Exception:
+        limit = self.settings.token_limit
+        pixels: list[Any] = []
+        try:
+            head = tokens_at_least(self._count, "\n".join(turn.text for turn in item.turns), limit)
+            if head is not None:
+                return GuardLimitExceeded("the conversation", head, limit, self.name, at_least=True)
+            ids = self.encode(list(item.turns), item.taxonomy, pixels)
+        except GuardError as exc:
+            return exc
+        except Exception as exc:  # the tokenizer's own error types; the text itself is never quoted
+            return GuardError(f"guard {self.name!r}: the conversation cannot be encoded ({type(exc).__name__})")
+        if len(ids) > limit:
+            return GuardLimitExceeded("the conversation", len(ids), limit, self.name)
+        return _Prompt(item, ids, pixels)
+
+    def _count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
 
     def score(self, prompts: list[_Prompt]) -> list[ConversationScore | Exception]:
         items = [p.item for p in prompts]

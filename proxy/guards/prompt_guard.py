@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.guards.guard import GuardError, GuardLimitExceeded, ScreenText, TextScore
+from proxy.guards.guard import GuardError, GuardLimitExceeded, ScreenText, TextScore, tokens_at_least
 from proxy.guards.hub import explain, load_kwargs, pick_dtype, quiet_transformers
 from proxy.guards.runner import GuardRunner
 from proxy.settings import GuardSettings
@@ -125,6 +125,9 @@ class _Model:
         out: list[list[list[int]]] = []
         for number, text in enumerate(texts):
             try:
+                head = tokens_at_least(lambda t: len(self._ids(t)), text.text, limit - total)
+                if head is not None:
+                    return GuardLimitExceeded("the request's text", total + head, limit, self.name, at_least=True)
                 ids = self._ids(text.text)
             except Exception as exc:  # the tokenizer's own error types; the text itself is never quoted
                 return GuardError(f"guard {self.name!r}: text {number} cannot be tokenized ({type(exc).__name__})")

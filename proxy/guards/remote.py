@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.guards.guard import ConversationScore, GuardError, GuardLimitExceeded, Taxonomy, Turn
+from proxy.guards.guard import ConversationScore, GuardError, GuardLimitExceeded, Taxonomy, Turn, tokens_at_least
 from proxy.guards.hub import explain, load_kwargs, quiet_transformers
 from proxy.guards.llama_guard_prompt import FAMILIES, Family, build, encode_hf, read_categories, read_verdict, render
 from proxy.guards.runner import GuardRunner
@@ -69,6 +69,7 @@ class RemoteLlamaGuard:
             raise explain(self.name, source, exc) from exc
 
     def _ids(self, turns: list[Turn], taxonomy: Taxonomy) -> list[int]:
+        self._check_prefix(turns)
         try:
             ids: list[int] = encode_hf(build(self.family, turns, taxonomy), self._tokenizer)
         except GuardError:
@@ -83,6 +84,16 @@ class RemoteLlamaGuard:
             return len(self._tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
         except Exception as exc:
             raise GuardError(f"guard {self.name!r}: the conversation cannot be encoded ({type(exc).__name__})") from exc
+
+    def _check_prefix(self, turns: list[Turn]) -> None:
+        limit = self.settings.token_limit
+        head = tokens_at_least(self._count, "\n".join(turn.text for turn in turns), limit)
+        if head is not None:
+            raise GuardLimitExceeded("the conversation", head, limit, self.name, at_least=True)
+
+    def _check_text(self, turns: list[Turn], text: str) -> None:
+        self._check_prefix(turns)
+        self._check_length(self._count(text))
 
     def _check_length(self, tokens: int) -> None:
         if tokens > self.settings.token_limit:
@@ -160,7 +171,7 @@ class RemoteLlamaGuard:
             prompt = self._text(turns, taxonomy)
             if self._tokenizer is not None:
                 text = prompt
-                self._check_length(await self.runner.call(lambda: self._count(text)))
+                await self.runner.call(lambda: self._check_text(turns, text))
         top, _ = await self._first_token(prompt, 1)
         unsafe, binary, mass = read_verdict(self.family, *verdict_probs(top, self.family), self.settings.min_mass)
         categories: tuple[str, ...] = ()

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.guards.guard import Taxonomy, Turn
+from proxy.guards.guard import GuardLimitExceeded, Taxonomy, Turn
 from proxy.guards.llama_guard import LlamaGuard
 from proxy.guards.remote import RemoteLlamaGuard
 from proxy.guards.runner import GuardRunner
@@ -126,3 +126,11 @@ async def test_llama_cpp_server_scores_equal_local(
         assert (await remote.score_conversation(FORGED, Taxonomy())).score > 0.99
     finally:
         await remote.close()
+
+
+async def test_gguf_prompt_over_max_tokens_fails_before_evaluation(tiny_gguf: Path, runner: GuardRunner) -> None:
+    settings = GuardSettings(family="llama-guard-3-1b", backend="llama-cpp", model=str(tiny_gguf), max_tokens=150)
+    guard = GGUFLlamaGuard("llama_guard", settings, runner)
+    await guard.load()
+    with pytest.raises(GuardLimitExceeded, match=r"the conversation is \d+ tokens, over max_tokens=150"):
+        await guard.score_conversation(CASES[0], Taxonomy())

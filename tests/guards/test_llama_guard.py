@@ -124,6 +124,9 @@ async def test_conversation_over_max_tokens_fails_before_any_forward_pass(tiny: 
         assert runner.items_run - before == 1  # the encoding job only
         assert str(info.value) == f"the conversation is {tokens} tokens, over max_tokens=150 for guard llama_guard"
         assert (info.value.tokens, info.value.limit) == (tokens, 150)
+        # A megabyte is refused from a prefix, without tokenizing all of it in the worker.
+        with pytest.raises(GuardLimitExceeded, match=r"the conversation is at least [0-9]+ tokens, over max"):
+            await guard.score_conversation([Turn("User", LONG * 1000)], Taxonomy())
     finally:
         await runner.stop()
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
-from proxy.guards.guard import GuardError, Taxonomy, Turn
+from proxy.guards.guard import GuardError, GuardLimitExceeded, Taxonomy, Turn
 from proxy.guards.llama_guard import LlamaGuard
 from proxy.guards.llama_guard_prompt import FAMILIES
 from proxy.guards.remote import RemoteLlamaGuard, verdict_probs
@@ -28,14 +29,14 @@ async def vllm(tiny: TinyModels) -> AsyncIterator[FakeVLLM]:
     await server.stop()
 
 
-async def remote_guard(url: str, tiny: TinyModels, runner: GuardRunner) -> RemoteLlamaGuard:
+async def remote_guard(url: str, tiny: TinyModels, runner: GuardRunner, **kw: Any) -> RemoteLlamaGuard:
     settings = GuardSettings(
         family="llama-guard-3-1b",
         backend="openai",
-        api="vllm",
         base_url=url,
         model="guard",
         tokenizer=str(tiny.lg3_graded),
+        **{"api": "vllm", **kw},
     )
     guard = RemoteLlamaGuard("llama_guard", settings, runner)
     await guard.load()
@@ -116,3 +117,19 @@ def test_verdict_probs_count_the_family_spellings() -> None:
     safe3, unsafe3 = verdict_probs(top, FAMILIES["llama-guard-3-8b"])  # LG3: the bare word only
     assert unsafe3 == 0.0
     assert safe3 == pytest.approx(math.exp(-0.1), rel=1e-6)
+
+
+@pytest.mark.parametrize("api", ["vllm", "llama-cpp"])
+async def test_prompt_over_max_tokens_is_never_sent(
+    vllm: FakeVLLM, tiny: TinyModels, runner: GuardRunner, api: str
+) -> None:
+    """Where a tokenizer is loaded (ids for vLLM, a counted text for the others) the cap holds."""
+    guard = await remote_guard(vllm.url, tiny, runner, api=api, max_tokens=150)
+    try:
+        with pytest.raises(GuardLimitExceeded, match=r"the conversation is \d+ tokens, over max_tokens=150"):
+            await guard.score_conversation(UNSAFE, Taxonomy())
+        with pytest.raises(GuardLimitExceeded, match="is at least"):  # a megabyte: refused from its prefix
+            await guard.score_conversation([Turn("User", "word " * 200_000)], Taxonomy())
+    finally:
+        await guard.close()
+    assert vllm.requests == []
