@@ -107,3 +107,114 @@ async def test_no_unscreened_text_reaches_the_upstream(
         leaked = [t for t in read_texts(sent["messages"]) if carries_trigger(t)]
         assert not leaked, f"unscreened text reached the upstream: {leaked!r}"
     assert not carries_trigger(answer.decode("utf-8", "replace"))
+
+
+# Reply side: random upstream replies (JSON and SSE) hide the trigger in random fields; the client
+# must never see it, whatever the shape (a shape the output check cannot read is a 502).
+STEXT = st.one_of(st.sampled_from(["Paris", "fine", "", " "]), st.sampled_from(SPELLINGS))
+DELTA = st.fixed_dictionaries(
+    {},
+    optional={
+        "role": st.just("assistant"),
+        "content": st.one_of(STEXT, st.none(), st.lists(st.builds(lambda t: {"type": "text", "text": t}, STEXT))),
+        "reasoning_content": STEXT,
+        "reasoning": STEXT,
+        "refusal": st.one_of(STEXT, st.none()),
+        "tool_calls": st.lists(
+            st.fixed_dictionaries(
+                {"index": st.integers(0, 1)},
+                optional={
+                    "function": st.fixed_dictionaries(
+                        {},
+                        optional={
+                            "name": STEXT,
+                            "arguments": st.one_of(STEXT, STEXT, STEXT, st.fixed_dictionaries({"q": STEXT})),
+                        },
+                    )
+                },
+            ),
+            max_size=2,
+        ),
+        "vendor_text": st.one_of(STEXT, st.fixed_dictionaries({"note": STEXT})),
+    },
+)
+CHUNK = st.builds(
+    lambda index, delta, finish, extra: {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "m",
+        "choices": [{"index": index, "delta": delta, "finish_reason": finish}],
+        **extra,
+    },
+    st.integers(0, 1),
+    DELTA,
+    st.sampled_from([None, "stop"]),
+    st.one_of(
+        st.just({}),
+        st.just({}),
+        st.just({}),
+        st.fixed_dictionaries({"error": st.one_of(st.none(), st.fixed_dictionaries({"message": STEXT}))}),
+    ),
+)
+DATA_EVENT = st.builds(lambda c: b"data: " + json.dumps(c, ensure_ascii=False).encode() + b"\n\n", CHUNK)
+EVENT = st.one_of(
+    DATA_EVENT,
+    DATA_EVENT,
+    DATA_EVENT,
+    st.builds(lambda t: b": " + t.encode() + b"\n\n", STEXT),
+    st.builds(lambda t, c: b"event: " + t.encode() + b"\ndata: " + json.dumps(c).encode() + b"\n\n", STEXT, CHUNK),
+)
+MESSAGE = st.builds(lambda d: {"role": "assistant", **{k: v for k, v in d.items() if k != "tool_calls"}}, DELTA)
+COMPLETION = st.builds(
+    lambda choices: {
+        "id": "c",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "m",
+        "choices": [{"index": i, "message": m, "finish_reason": "stop"} for i, m in choices],
+    },
+    st.lists(st.tuples(st.integers(0, 2), MESSAGE), min_size=1, max_size=3),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    events=st.lists(EVENT, max_size=6),
+    done=st.sampled_from([True, True, True, False]),
+    completion=COMPLETION,
+    stream=st.booleans(),
+)
+async def test_no_unscreened_text_reaches_the_client(
+    start_proxy: Any, events: list[bytes], done: bool, completion: dict[str, Any], stream: bool
+) -> None:
+    async with start_proxy(policies={"default": POLICY}) as proxy:
+        proxy.upstream.mode = "raw"
+        proxy.upstream.raw_chunks = [*events, *([b"data: [DONE]\n\n"] if done else [])]
+        proxy.upstream.raw_body = json.dumps(completion, ensure_ascii=False).encode()
+        body = json.dumps({"model": "gpt-fake", "messages": [{"role": "user", "content": "hi"}], "stream": stream})
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                proxy.url + "/v1/chat/completions",
+                data=body.encode(),
+                headers={"Content-Type": "application/json", "Authorization": "Bearer k"},
+            ) as resp,
+        ):
+            status, answer = resp.status, await resp.read()
+    assert status < 500 or status in (502, 504), answer
+    leaked = [t for t in client_texts(answer) if carries_trigger(t)]
+    assert not leaked, f"unscreened text reached the client: {leaked!r}"
+
+
+def client_texts(answer: bytes) -> list[str]:
+    """The raw text of the answer and every string inside its JSON (escaped or not)."""
+    text = answer.decode("utf-8", "replace")
+    found = [text]
+    try:
+        found += read_texts(json.loads(text))
+    except ValueError:
+        for line in text.splitlines():
+            if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                found += read_texts(json.loads(line[5:]))
+    return found
