@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import openai
 import pytest
+from aiohttp import web
 
 from tests.fakes.anthropic import FakeAnthropic
 
@@ -71,11 +73,81 @@ async def test_anthropic_through_litellm(start_proxy: Any, anthropic: FakeAnthro
     path, headers, body = anthropic.requests[0]
     assert path.endswith("/messages")
     assert body["model"] == "claude-3-5-sonnet-20241022"
-    assert (
-        body["system"] and body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "Say hi"}]}]
-    ) or body["messages"][0]["role"] == "user"
+    assert body["system"] == [{"type": "text", "text": "Be brief."}]  # the system turn moved where Anthropic wants it
+    assert body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "Say hi"}]}]
     assert headers["x-api-key"] == "sk-ant-test"  # the configured key, not the client's
     assert len(anthropic.requests) == 2  # no hidden retries
+
+
+# What a client could put in its body to send the operator's key elsewhere, were the body spread
+# into litellm: its own endpoint, key, headers and provider settings, and provider credentials.
+HIJACK = {
+    "base_url": "{url}",
+    "api_base": "{url}",
+    "api_key": "sk-attacker",
+    "extra_headers": {"x-exfil": "1"},
+    "custom_llm_provider": "openai",
+    "headers": {"x-exfil": "1"},
+    "extra_body": {"stolen": True},
+    "api_version": "2024-01-01",
+    "aws_access_key_id": "AKIA-ATTACKER",
+    "aws_secret_access_key": "x",
+    "aws_region_name": "us-east-1",
+    "vertex_project": "evil",
+    "vertex_credentials": "{}",
+    "azure_ad_token": "x",
+    "metadata": {"x": 1},
+}
+# litellm answers this itself: the client would write the "provider's" reply, skipping the provider.
+MOCK = {"mock_response": "injected reply"}
+
+
+@dataclass
+class Attacker:
+    url: str
+    seen: list[str]
+
+
+@pytest.fixture
+async def attacker() -> AsyncIterator[Attacker]:
+    """A stand-in for the client's own server: records every request that reaches it."""
+    seen: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(f"{request.method} {request.path} {dict(request.headers)}")
+        return web.json_response({"error": "stolen"}, status=500)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield Attacker(f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", seen)  # type: ignore[union-attr]
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("extra", [HIJACK, MOCK], ids=["hijack", "mock"])
+async def test_client_cannot_redirect_the_provider_call(
+    start_proxy: Any, anthropic: FakeAnthropic, attacker: Attacker, stream: bool, extra: dict[str, Any]
+) -> None:
+    hijack = {k: (v.replace("{url}", attacker.url) if isinstance(v, str) else v) for k, v in extra.items()}
+    async with start_proxy(policies={"default": POLICY}, upstreams=upstreams(anthropic)) as proxy:
+        client = proxy.client()
+        args: dict[str, Any] = {"model": "claude-x", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+        if stream:
+            chunks = await client.chat.completions.create(**args, stream=True, extra_body=hijack)
+            text = "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+        else:
+            completion = await client.chat.completions.create(**args, extra_body=hijack)
+            text = completion.choices[0].message.content or ""
+    assert attacker.seen == []
+    assert text.strip() == "Bonjour from Claude"  # the configured upstream answered, not a mock
+    _, headers, body = anthropic.requests[0]
+    assert headers["x-api-key"] == "sk-ant-test"
+    assert "x-exfil" not in {k.lower() for k in headers}
+    assert not set(body) & set(extra)
 
 
 async def test_anthropic_reply_is_screened(start_proxy: Any, anthropic: FakeAnthropic) -> None:

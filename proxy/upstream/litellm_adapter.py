@@ -7,14 +7,64 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
+
+import structlog
 
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.protocol import error_body
 from proxy.settings import UpstreamSettings
 from proxy.upstream.relay import Outgoing, Reply
+
+log = structlog.get_logger("proxy.upstream.litellm")
+
+# The OpenAI chat-completion parameters litellm is given; every other body key is dropped. litellm
+# treats many extra keyword arguments as its own settings (api_base, base_url, api_key, extra_headers,
+# custom_llm_provider, aws_*/vertex_*/azure_* credentials, mock_response, metadata for its callbacks):
+# spreading a client's body into it would let the client pick the endpoint the operator's key goes to.
+# `store` and `metadata` are left out too: they mean nothing to non-OpenAI providers and litellm
+# reads `metadata` itself.
+CHAT_PARAMS = frozenset(
+    {
+        "model",
+        "messages",
+        "stream",
+        "stream_options",
+        "temperature",
+        "top_p",
+        "n",
+        "stop",
+        "max_tokens",
+        "max_completion_tokens",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+        "user",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "response_format",
+        "seed",
+        "functions",
+        "function_call",
+        "reasoning_effort",
+        "modalities",
+        "audio",
+        "prediction",
+        "service_tier",
+        "web_search_options",
+    }
+)
+_LOGGED_NAMES = 20  # dropped names are client-chosen: log a few, shortened and escaped, never values
+
+
+def dropped_names(names: list[str]) -> list[str]:
+    return [ascii(name[:40])[1:-1] for name in sorted(names)[:_LOGGED_NAMES]]
 
 
 def import_litellm() -> Any:
@@ -26,6 +76,13 @@ def import_litellm() -> Any:
     litellm.telemetry = False
     litellm.num_retries = 0
     litellm.suppress_debug_info = True
+    for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
+        # litellm prints plain text to stderr through its own handler, and at info a line per call that
+        # quotes the client's model: its records go through the proxy's JSON formatter, warnings up.
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+        logger.setLevel(logging.WARNING)
     return litellm
 
 
@@ -41,6 +98,9 @@ async def prepare_litellm(models: list[str]) -> None:
         stream = await litellm.acompletion(model=model, messages=messages, mock_response="ok", stream=True)
         async for _ in stream:
             pass
+        # The first provider error imports litellm's error mapping (fastapi, ~0.5 s): do that now too.
+        with contextlib.suppress(Exception):
+            await litellm.acompletion(model=model, messages=messages, mock_response=Exception("warm-up"))
 
 
 class _JSONReply:
@@ -89,7 +149,11 @@ class LiteLLMUpstream:
         self._key = settings.key()
 
     def _kwargs(self, out: Outgoing) -> dict[str, Any]:
-        payload = json.loads(out.body)  # the forwarded body: a route's model rename is already in it
+        body = json.loads(out.body)  # the forwarded body: a route's model rename is already in it
+        payload = {k: v for k, v in body.items() if k in CHAT_PARAMS}
+        dropped = [k for k in body if k not in CHAT_PARAMS]
+        if dropped:
+            log.warning("litellm_params_dropped", count=len(dropped), names=dropped_names(dropped))
         payload["model"] = (self.settings.provider_model_prefix or "") + str(payload.get("model", ""))
         if not payload.get("stream"):
             payload.pop("stream_options", None)
