@@ -53,6 +53,9 @@ class RouteSettings(Strict):
     upstream: str = "default"
     rename_model: str | None = None
     passthrough: bool = False
+    forward_headers: tuple[str, ...] = Field(
+        default=(), description="client headers forwarded upstream besides accept and user-agent (case-insensitive)"
+    )
     mode: Literal["enforce", "monitor"] = "enforce"
     on_block: Literal["refuse", "error"] = "refuse"
     refusal: str = "I'm sorry, but I can't help with that."
@@ -80,6 +83,26 @@ class RouteSettings(Strict):
     @model_validator(mode="after")
     def _replace_needs_custom(self) -> RouteSettings:
         if self.replace_categories and not self.custom_categories:
+    @field_validator("forward_headers")
+    @classmethod
+    def _forwardable(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        import re
+
+        from proxy.upstream.relay import NEVER_FORWARDED
+
+        out = []
+        for name in names:
+            lower = name.strip().lower()
+            if not re.fullmatch(r"[a-z0-9!#$%&'*+.^_`|~-]+", lower):
+                raise ValueError(f"{name!r} is not an HTTP header name")
+            if lower in NEVER_FORWARDED or lower.startswith("x-guardrail"):
+                raise ValueError(
+                    f"{name!r} is never forwarded: credentials, hop-by-hop headers and headers the proxy sets "
+                    "itself cannot be listed in forward_headers"
+                )
+            out.append(lower)
+        return tuple(dict.fromkeys(out))
+
             raise ValueError("replace_categories: true needs custom_categories")
         return self
 

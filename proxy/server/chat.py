@@ -90,6 +90,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     record.upstream = upstream.name
     if chat.stream:
         return await relay_stream(request, route, chat, upstream, out, verdict, headers)
+        forward_headers=route.forward_headers,
     return await relay_json(request, route, chat, upstream, out, verdict, headers)
 
 

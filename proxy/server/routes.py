@@ -4,11 +4,13 @@ passthrough of other `/v1/*` paths (unscreened, only where a policy route says `
 from __future__ import annotations
 
 import json
+import re
+import urllib.parse
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proxy.errors import NotFound, UnsupportedMediaType
+from proxy.errors import BadRequest, NotFound, UnsupportedMediaType
 from proxy.server.chat import CHAT_PATH, chat_completions, relay_unchanged
 from proxy.server.state import METRICS, POLICIES, READINESS, SETTINGS, TENANTS, UPSTREAMS, bind_tenant, record_of
 from proxy.upstream.relay import Outgoing
@@ -46,6 +48,7 @@ async def models(request: web.Request) -> web.StreamResponse:
         name = route.upstream if route is not None else next(iter(upstreams))
     upstream = upstreams[name]
     record.upstream = name
+    chat_route = policy.resolve(CHAT_PATH, None)
     out = Outgoing(
         path="/models",
         body=b"",
@@ -55,6 +58,7 @@ async def models(request: web.Request) -> web.StreamResponse:
         client_key=tenant.key,
         request_id=record.request_id,
         method="GET",
+        forward_headers=chat_route.forward_headers if chat_route is not None and chat_route.upstream == name else (),
     )
     async with upstream.open(out) as reply:
         body = await reply.body()
@@ -67,10 +71,42 @@ async def models(request: web.Request) -> web.StreamResponse:
         )
 
 
+# Percent-encoded characters that would change what the path means once an upstream (or a gateway in
+# front of it) decodes it: a separator that climbs out of the route, a query, a fragment, a NUL.
+_ENCODED_SEPARATOR = re.compile(r"%(2f|5c|3f|23|00)", re.IGNORECASE)
+# RFC 3986 path characters that need no encoding (no '%'): what is checked is what goes on the wire.
+_PATH = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@/-]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def safe_path(request: web.Request) -> str:
+    """The passthrough target relative to the upstream's base URL: the validated path, and the query
+    string re-encoded from its decoded pairs so that it can never end the path or add a fragment.
+    A path that could leave its route upstream is a 400, never normalised into something else."""
+    raw_path = request.raw_path.partition("?")[0]
+    decoded = (request.path, urllib.parse.unquote(raw_path, errors="replace"))
+    if (
+        _ENCODED_SEPARATOR.search(raw_path)
+        or not all(_PATH.fullmatch(p) for p in decoded)
+        or any(seg in (".", "..") for p in decoded for seg in p.split("/"))
+        or any("//" in p for p in decoded)
+    ):
+        raise BadRequest(
+            "The request path is not allowed: it holds dot segments, empty segments, encoded separators, "
+            "backslashes, control characters or characters that need percent-encoding."
+        )
+    pairs = list(request.rel_url.query.items())
+    if any(_CONTROL.search(k) or _CONTROL.search(v) for k, v in pairs):
+        raise BadRequest("The query string holds control characters.")
+    query = urllib.parse.urlencode(pairs, quote_via=urllib.parse.quote)
+    return request.path.removeprefix("/v1") + (f"?{query}" if query else "")
+
+
 async def passthrough(request: web.Request) -> web.StreamResponse:
     record = record_of(request)
     tenant = request.app[TENANTS].identify(request)
     bind_tenant(request, tenant.name)
+    target = safe_path(request)
     policy = request.app[POLICIES].current.get(tenant.policy)
     record.policy = policy.tag
     raw = await request.read()
@@ -90,7 +126,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     record.route, record.upstream = route.name, route.upstream
     upstream = request.app[UPSTREAMS][route.upstream]
     out = Outgoing(
-        path=request.path.removeprefix("/v1"),
+        path=target,
         body=raw,
         payload=None,
         stream=False,
@@ -98,6 +134,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         client_key=tenant.key,
         request_id=record.request_id,
         method=request.method,
+        forward_headers=route.forward_headers,
     )
     headers = {"x-request-id": record.request_id, "x-guardrail-policy": policy.tag, "x-guardrail-decision": "allow"}
     async with upstream.open(out) as reply:
@@ -116,4 +153,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", metrics)
     app.router.add_post(CHAT_PATH, chat_completions)
     app.router.add_get("/v1/models", models)
-    app.router.add_route("*", "/v1/{tail:.*}", passthrough)
+    app.router.add_route("*", r"/v1/{tail:[\s\S]*}", passthrough)  # any character: safe_path decides

@@ -19,13 +19,20 @@ import aiohttp
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.settings import UpstreamSettings
 
-# Headers that describe one hop or that the proxy sets itself; never copied across.
-HOP_HEADERS = frozenset(
+# Client headers forwarded upstream. Everything else stays at the proxy: a header can select the
+# account, organization or project the proxy's key is billed to (OpenAI-Organization, OpenAI-Project),
+# or carry anything an upstream or a gateway in front of it acts on. A route adds names with
+# `forward_headers`. Content-Type, X-Request-ID and Authorization are set by the proxy.
+FORWARDED_HEADERS = ("accept", "user-agent")
+# Never forwarded, and refused in a route's `forward_headers`: credentials, one-hop headers, and
+# headers the proxy sets itself.
+NEVER_FORWARDED = frozenset(
     {
         "connection",
         "keep-alive",
         "proxy-authenticate",
         "proxy-authorization",
+        "proxy-connection",
         "te",
         "trailer",
         "transfer-encoding",
@@ -33,11 +40,19 @@ HOP_HEADERS = frozenset(
         "host",
         "content-length",
         "content-encoding",
+        "content-type",
+        "expect",
         "authorization",
         "api-key",
         "x-api-key",
         "cookie",
         "set-cookie",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-real-ip",
+        "x-request-id",
     }
 )
 RELAYED_RESPONSE_HEADERS = (
@@ -62,6 +77,7 @@ class Outgoing:
     client_key: str | None
     request_id: str
     method: str = "POST"
+    forward_headers: tuple[str, ...] = ()  # lower-case names the route forwards besides FORWARDED_HEADERS
 
 
 class Reply(Protocol):
@@ -124,11 +140,8 @@ class OpenAIUpstream:
         )
 
     def _headers(self, out: Outgoing) -> dict[str, str]:
-        headers = {
-            k: v
-            for k, v in out.client_headers.items()
-            if k.lower() not in HOP_HEADERS and not k.lower().startswith("x-guardrail")
-        }
+        wanted = {*FORWARDED_HEADERS, *out.forward_headers} - NEVER_FORWARDED
+        headers = {k: v for k, v in out.client_headers.items() if k.lower() in wanted}
         headers.update(self.settings.headers)
         headers["Content-Type"] = "application/json"
         headers["X-Request-ID"] = out.request_id
@@ -147,11 +160,15 @@ class OpenAIUpstream:
                 data=out.body if out.method != "GET" else None,
                 headers=self._headers(out),
                 timeout=self._timeout,
+                allow_redirects=False,  # a redirect would carry the proxy's key to wherever it points
             )
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(f"upstream {self.name} did not answer in time") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream {self.name} is unreachable: {type(exc).__name__}") from exc
+        if 300 <= resp.status < 400:
+            resp.close()
+            raise UpstreamError(f"upstream {self.name} answered with a redirect ({resp.status}), never followed")
         try:
             yield _AiohttpReply(resp, self.name)
         finally:
@@ -174,4 +191,13 @@ async def read_json(reply: Reply) -> Any:
         raise UpstreamError("upstream returned a reply that is not JSON") from exc
 
 
-__all__ = ["OpenAIUpstream", "Outgoing", "Reply", "Upstream", "read_json", "rewrite_body"]
+__all__ = [
+    "FORWARDED_HEADERS",
+    "NEVER_FORWARDED",
+    "OpenAIUpstream",
+    "Outgoing",
+    "Reply",
+    "Upstream",
+    "read_json",
+    "rewrite_body",
+]
