@@ -14,7 +14,8 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 COPY policies ./policies
-COPY config.example.yaml ./config.yaml
+# The default config requires a tenant key (GUARDRAIL_API_KEY): the image never serves open on 0.0.0.0.
+COPY docker/config.yaml ./config.yaml
 # The CPU wheel of torch; on a GPU host build FROM an image with CUDA and drop the index URL.
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu . \
     && mkdir -p /models /config \
@@ -27,6 +28,6 @@ EXPOSE 8080
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status == 200 else 1)"]
 
-# Mount your own config at /config/config.yaml (and policies at /app/policies) to override.
+# Mount your own config at /app/config.yaml (and policies at /app/policies) to override.
 ENTRYPOINT ["guardrail-proxy"]
 CMD ["serve", "--config", "/app/config.yaml", "--host", "0.0.0.0", "--port", "8080"]

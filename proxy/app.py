@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 from collections.abc import AsyncIterator, Callable, Mapping
 
 import aiohttp
@@ -22,6 +23,7 @@ from proxy.server.state import GUARDS, METRICS, POLICIES, READINESS, SETTINGS, T
 from proxy.settings import Settings
 from proxy.upstream.relay import OpenAIUpstream, Upstream
 
+from proxy.yaml_source import ConfigError
 log = structlog.get_logger("proxy.app")
 
 
@@ -129,9 +131,33 @@ def build_upstreams(settings: Settings, session: aiohttp.ClientSession) -> dict[
 
 
 def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve anywhere
+
+
+def check_open_mode(settings: Settings, host: str) -> None:
+    """Open mode (no tenants: no key checked, the operator's upstream key spent for anyone) is for a
+    loopback bind only, unless the config says `server.allow_open_mode: true`."""
+    if settings.tenants or settings.server.allow_open_mode or is_loopback(host):
+        return
+    raise ConfigError(
+        [
+            f"refusing open mode on {host!r}: no tenants are configured, so anyone who reaches this address "
+            "would use the upstream's key. Configure tenants (keys: ['env:GUARDRAIL_API_KEY']), bind to "
+            "127.0.0.1, or set server.allow_open_mode: true"
+        ]
+    )
+
+
     """Run until interrupted. A client disconnect cancels its handler (and so the upstream request)."""
-    app = build_app(settings)
     host = host or settings.server.host
     port = port if port is not None else settings.server.port
+    check_open_mode(settings, host)
+    app = build_app(settings)
     log.info("serving", host=host, port=port)
     web.run_app(app, host=host, port=port, handler_cancellation=True, access_log=None, print=None)

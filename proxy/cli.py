@@ -67,7 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from proxy.app import guard_kinds
+    from proxy.app import check_open_mode, guard_kinds
     from proxy.policy.store import PolicyContext, load_policies
     from proxy.server.auth import Tenants
     from proxy.settings import load_settings
@@ -87,6 +87,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+    check_open_mode(settings, settings.server.host)
 def describe_route(route: object) -> str:
     from proxy.policy.models import RouteSettings
 

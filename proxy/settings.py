@@ -31,6 +31,9 @@ def resolve_secret(value: str) -> str:
 
 class ServerSettings(Strict):
     host: str = "127.0.0.1"
+    allow_open_mode: bool = Field(
+        default=False, description="serve with no tenants on a non-loopback bind (anyone reaching it is let in)"
+    )
     port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: int = Field(default=4_000_000, ge=1024)
     keepalive_interval_s: float = Field(default=5.0, gt=0)

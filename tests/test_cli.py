@@ -1,4 +1,4 @@
-"""The command line: check, classify, demo."""
+"""The command line: check, classify, demo, and the open-mode refusal of check and serve."""
 
 from __future__ import annotations
 
@@ -6,12 +6,16 @@ import io
 import json
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from proxy.app import check_open_mode
 from proxy.classify import classify
 from proxy.cli import main
 from proxy.demo.run import demo
+from proxy.settings import Settings
+from proxy.yaml_source import ConfigError
 from tests.guards.model_fixtures import TinyModels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,3 +99,57 @@ async def test_demo_runs_offline(tmp_path: Path) -> None:
     assert "NOT SAFETY MODELS" in text
     assert "demo passed" in text
     assert "poison" not in text.split("3. blocked streamed output")[1].split("->")[1].split("finish_reason")[0]
+
+
+@pytest.mark.parametrize(
+    ("host", "extra", "allowed"),
+    [
+        ("127.0.0.1", {}, True),
+        ("127.3.4.5", {}, True),
+        ("::1", {}, True),
+        ("[::1]", {}, True),
+        ("localhost", {}, True),
+        ("0.0.0.0", {}, False),
+        ("::", {}, False),
+        ("", {}, False),
+        ("10.1.2.3", {}, False),
+        ("proxy.internal", {}, False),
+        ("0.0.0.0", {"server": {"allow_open_mode": True}}, True),
+        ("0.0.0.0", {"tenants": {"acme": {"keys": ["sk-1"], "policy": "default"}}}, True),
+    ],
+)
+def test_open_mode_only_on_loopback(host: str, extra: dict[str, Any], allowed: bool) -> None:
+    settings = Settings.model_validate({"upstreams": {"default": {"base_url": "http://127.0.0.1:9/v1"}}, **extra})
+    if allowed:
+        check_open_mode(settings, host)
+    else:
+        with pytest.raises(ConfigError, match="refusing open mode"):
+            check_open_mode(settings, host)
+
+
+def test_check_and_serve_refuse_open_mode_on_a_public_bind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    public = write_config(tmp_path, extra="server:\n  host: 0.0.0.0\n").read_text()
+    config = tmp_path / "public.yaml"
+    config.write_text(public)
+    assert main(["check", "--config", str(config)]) == 1
+    assert main(["serve", "--config", str(write_config(tmp_path)), "--host", "0.0.0.0", "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("error: refusing open mode on '0.0.0.0'") == 2
+    assert "Traceback" not in err
+    config.write_text(public + "  allow_open_mode: true\n")
+    assert main(["check", "--config", str(config)]) == 0
+
+
+def test_docker_config_needs_a_tenant_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image's default config serves 0.0.0.0 with one tenant whose key comes from the environment."""
+    (tmp_path / "config.yaml").write_text((ROOT / "docker" / "config.yaml").read_text())
+    (tmp_path / "policies").symlink_to(ROOT / "policies")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-upstream")
+    monkeypatch.delenv("GUARDRAIL_API_KEY", raising=False)
+    assert main(["check", "--config", str(tmp_path / "config.yaml")]) == 1
+    assert "environment variable GUARDRAIL_API_KEY is not set" in capsys.readouterr().err
+    monkeypatch.setenv("GUARDRAIL_API_KEY", "sk-proxy")
+    assert main(["check", "--config", str(tmp_path / "config.yaml")]) == 0
+    assert "tenant default: policy default@" in capsys.readouterr().out
