@@ -10,8 +10,8 @@ greedy continuation after a forced `unsafe` token, only for conversations scorin
 A check is a sequence of runner jobs so that one long prompt never holds the worker: one job
 encodes (past `max_tokens` the check fails before any forward pass); a prompt of at most
 `prefill_chunk_tokens` is then scored in a batch with other requests' prompts; a longer one is
-prefilled alone, one chunk per job, into its own KV cache (same scores as one pass), and a
-cancelled check submits no further chunk. Prompts with images always take the one-pass path.
+prefilled alone, one chunk per bulk job (see runner), into its own KV cache (same scores as one
+pass), and a cancelled check submits no further chunk. Prompts with images always take the one-pass path.
 """
 
 from __future__ import annotations
@@ -314,7 +314,7 @@ class LlamaGuard:
             return result
         state = _Prefill(prompt)
         while True:  # each chunk queues behind whatever arrived meanwhile
-            (done,) = await self.runner.submit(self._prefill, [state], key=state)
+            (done,) = await self.runner.submit(self._prefill, [state], key=state, bulk=True)
             if done is not None:
                 return done
 

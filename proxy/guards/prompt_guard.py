@@ -4,8 +4,9 @@ Long texts are never truncated: each text is cut into windows of `window_tokens`
 included) overlapping by `window_overlap_tokens`; a text's score is the max over its windows. A
 check is two kinds of runner job: one tokenizes the request's texts (past `max_windows` for one text,
 or `max_tokens` for all of them, the check fails before any forward pass), then its windows go to the
-model in pieces of `forward_batch`, each piece its own job merged with other requests' windows, so a
-short request waits behind at most one piece of a long one; a cancelled check submits no more pieces.
+model: at most `forward_batch` of them in one job merged with other requests' windows, more as bulk
+steps of `forward_batch` windows that yield to ordinary jobs (see runner), so a short request waits
+for at most the one piece already running; a cancelled check submits no more pieces.
 Scores: PG2 P(class 1, malicious); PG1 P(jailbreak) for user text and P(injection)+P(jailbreak) for
 third-party text (reference §3.2).
 """
@@ -191,9 +192,13 @@ class PromptGuard:
         flat = [(number, win) for number, wins in enumerate(plan) for win in wins]
         best = [0.0] * len(texts)
         piece = self.settings.forward_batch
+        # A check of one piece is merged with others; a longer one goes as bulk steps of its own.
+        long: object | None = object() if len(flat) > piece else None
         for start in range(0, len(flat), piece):
             chunk = flat[start : start + piece]
-            probs = await self.runner.submit(self._forward, [win for _, win in chunk], key=(id(self), "forward"))
+            probs = await self.runner.submit(
+                self._forward, [win for _, win in chunk], key=long or (id(self), "forward"), bulk=long is not None
+            )
             for (number, _), row in zip(chunk, probs, strict=True):
                 best[number] = max(best[number], model.value(row, texts[number].source))
         return [TextScore(best[n], len(wins)) for n, wins in enumerate(plan)]

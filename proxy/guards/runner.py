@@ -2,11 +2,13 @@
 concurrent requests. The event loop only enqueues jobs and awaits futures.
 
 A job is a list of items for one batch function; jobs with the same key are merged into one call,
-up to `max_batch` items, waiting at most `max_wait_ms` for company. Jobs run in arrival order, so
-long work stays interruptible when its owner submits it as a sequence of small jobs (Prompt Guard
-windows in pieces of `forward_batch`, Llama Guard prefill in chunks): each next piece queues behind
-whatever arrived meanwhile. Isolation: if a merged call raises, each of its jobs is re-run alone so
-only the culprit fails; one tenant may hold at most `tenant_queue_share` of the queue.
+up to `max_batch` items, waiting at most `max_wait_ms` for company. Jobs run in arrival order, except
+that long work is submitted by its owner as a sequence of `bulk` steps (Prompt Guard windows in
+pieces of `forward_batch`, Llama Guard prefill in chunks): a bulk step runs only when no ordinary job
+waits, or once it has waited `BULK_MAX_WAIT_S` (so long checks still progress under load). A short
+check thus waits for at most the one step already running. Isolation: if a merged call raises, each
+of its jobs is re-run alone so only the culprit fails; one tenant's waiting jobs may hold at most
+`tenant_queue_share` of the queue.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ log = structlog.get_logger("proxy.guards.runner")
 
 BatchFn = Callable[[list[Any]], list[Any]]
 
+BULK_MAX_WAIT_S = 1.0
+
 current_tenant: contextvars.ContextVar[str | None] = contextvars.ContextVar("guard_tenant", default=None)
 """The tenant whose request is being screened; set by the server, read when a job is queued."""
 
@@ -44,6 +48,7 @@ class _Job:
     future: asyncio.Future[list[Any]]
     loop: asyncio.AbstractEventLoop
     tenant: str | None = None
+    bulk: bool = False
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False
 
@@ -96,8 +101,11 @@ class GuardRunner:
         result = await self.submit(lambda items: [fn()], [None], key=("call", id(fn)))
         return result[0]
 
-    async def submit(self, fn: Callable[[list[I]], list[O]], items: list[I], *, key: Hashable = None) -> list[O]:
-        """Queue `items` for `fn` and wait for its results (one per item, in order)."""
+    async def submit(
+        self, fn: Callable[[list[I]], list[O]], items: list[I], *, key: Hashable = None, bulk: bool = False
+    ) -> list[O]:
+        """Queue `items` for `fn` and wait for its results (one per item, in order). `bulk`: one
+        step of a long check, which yields to ordinary jobs (give such steps a key of their own)."""
         if not items:
             return []
         loop = asyncio.get_running_loop()
@@ -109,6 +117,7 @@ class GuardRunner:
             future=loop.create_future(),
             loop=loop,
             tenant=tenant,
+            bulk=bulk,
         )
         with self._cond:
             if self._stopping:
@@ -145,22 +154,38 @@ class GuardRunner:
                 self._cond.wait()
             if self._stopping and not self._queue:
                 return None
-            first = self._queue[0]
-            if first.cancelled:
-                self._queue.popleft()
+            first = self._next()
+            if first is None:
+                self._queue.clear()  # only cancelled jobs were left
                 continue
             batch, size = [first], len(first.items)
-            for job in list(self._queue)[1:]:
-                if job.key == first.key and not job.cancelled and size + len(job.items) <= self.max_batch:
+            for job in self._queue:
+                if job is first or job.key != first.key or job.cancelled:
+                    continue
+                if size + len(job.items) <= self.max_batch:
                     batch.append(job)
                     size += len(job.items)
             remaining = first.enqueued + self.max_wait_s - time.monotonic()
-            if size < self.max_batch and remaining > 0 and not self._stopping:
+            if size < self.max_batch and remaining > 0 and not first.bulk and not self._stopping:
                 self._cond.wait(remaining)
                 continue
             for job in batch:
                 self._queue.remove(job)
             return batch
+
+    def _next(self) -> _Job | None:
+        """The oldest ordinary job, unless the oldest bulk step has waited its turn long enough."""
+        bulk: _Job | None = None
+        for job in self._queue:
+            if job.cancelled:
+                continue
+            if not job.bulk:
+                if bulk is not None and time.monotonic() - bulk.enqueued >= BULK_MAX_WAIT_S:
+                    return bulk
+                return job
+            if bulk is None:
+                bulk = job
+        return bulk
 
     def _work(self) -> None:
         if self.device == "cpu" or self.threads:

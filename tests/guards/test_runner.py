@@ -90,6 +90,34 @@ async def test_full_queue_is_overloaded() -> None:
     assert rejected == ["full"]
 
 
+async def test_bulk_steps_yield_to_ordinary_jobs() -> None:
+    """A step of a long check queued first still runs after a short check queued behind it."""
+    runner = GuardRunner("cpu", max_batch=1, max_wait_ms=0)
+    gate = threading.Event()
+    order: list[str] = []
+
+    def blocker(items: list[str]) -> list[str]:
+        gate.wait(5)
+        return items
+
+    def record(items: list[str]) -> list[str]:
+        order.extend(items)
+        return items
+
+    try:
+        running = asyncio.create_task(runner.submit(blocker, ["running"]))
+        await asyncio.sleep(0.05)
+        step = asyncio.create_task(runner.submit(record, ["bulk"], key=object(), bulk=True))
+        await asyncio.sleep(0.05)
+        short = asyncio.create_task(runner.submit(record, ["short"]))
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(running, step, short)
+    finally:
+        await runner.stop()
+    assert order == ["short", "bulk"]
+
+
 async def as_tenant(tenant: str, work: Callable[[], Awaitable[T]]) -> T:
     """Run `work()` in a task whose context names `tenant`, as the server's bind_tenant does."""
 
