@@ -22,8 +22,8 @@ from proxy.server.routes import add_routes
 from proxy.server.state import GUARDS, METRICS, POLICIES, READINESS, SETTINGS, TENANTS, UPSTREAMS, Readiness
 from proxy.settings import Settings
 from proxy.upstream.relay import OpenAIUpstream, Upstream
-
 from proxy.yaml_source import ConfigError
+
 log = structlog.get_logger("proxy.app")
 
 
@@ -130,7 +130,6 @@ def build_upstreams(settings: Settings, session: aiohttp.ClientSession) -> dict[
     return out
 
 
-def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
 def is_loopback(host: str) -> bool:
     if host.lower() == "localhost":
         return True
@@ -154,10 +153,11 @@ def check_open_mode(settings: Settings, host: str) -> None:
     )
 
 
+def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
     """Run until interrupted. A client disconnect cancels its handler (and so the upstream request)."""
     host = host or settings.server.host
-    port = port if port is not None else settings.server.port
     check_open_mode(settings, host)
     app = build_app(settings)
+    port = port if port is not None else settings.server.port
     log.info("serving", host=host, port=port)
     web.run_app(app, host=host, port=port, handler_cancellation=True, access_log=None, print=None)

@@ -73,6 +73,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from proxy.settings import load_settings
 
     settings, _ = load_settings(args.config)
+    check_open_mode(settings, settings.server.host)
     tenants = Tenants(settings.tenants)
     ctx = PolicyContext(
         guards=guard_kinds(settings, None), upstreams=frozenset(settings.upstreams), required=tenants.policies
@@ -87,7 +88,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-    check_open_mode(settings, settings.server.host)
 def describe_route(route: object) -> str:
     from proxy.policy.models import RouteSettings
 

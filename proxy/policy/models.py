@@ -53,9 +53,6 @@ class RouteSettings(Strict):
     upstream: str = "default"
     rename_model: str | None = None
     passthrough: bool = False
-    forward_headers: tuple[str, ...] = Field(
-        default=(), description="client headers forwarded upstream besides accept and user-agent (case-insensitive)"
-    )
     mode: Literal["enforce", "monitor"] = "enforce"
     on_block: Literal["refuse", "error"] = "refuse"
     refusal: str = "I'm sorry, but I can't help with that."
@@ -80,9 +77,6 @@ class RouteSettings(Strict):
                 raise ValueError(f"{code!r} is not a category code like S6")
         return codes
 
-    @model_validator(mode="after")
-    def _replace_needs_custom(self) -> RouteSettings:
-        if self.replace_categories and not self.custom_categories:
     @field_validator("forward_headers")
     @classmethod
     def _forwardable(cls, names: tuple[str, ...]) -> tuple[str, ...]:
@@ -103,6 +97,9 @@ class RouteSettings(Strict):
             out.append(lower)
         return tuple(dict.fromkeys(out))
 
+    @model_validator(mode="after")
+    def _replace_needs_custom(self) -> RouteSettings:
+        if self.replace_categories and not self.custom_categories:
             raise ValueError("replace_categories: true needs custom_categories")
         return self
 

@@ -86,11 +86,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         client_headers=request.headers,
         client_key=tenant.key,
         request_id=record.request_id,
+        forward_headers=route.forward_headers,
     )
     record.upstream = upstream.name
     if chat.stream:
         return await relay_stream(request, route, chat, upstream, out, verdict, headers)
-        forward_headers=route.forward_headers,
     return await relay_json(request, route, chat, upstream, out, verdict, headers)
 
 

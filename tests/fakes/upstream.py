@@ -52,9 +52,9 @@ class FakeUpstream:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/embeddings", self._embeddings)
-        self._runner = web.AppRunner(app, handler_cancellation=True)
         app.router.add_route("*", "/v1/files/{tail:.*}", self._files)
         app.router.add_route("*", "/admin", self._admin)  # what a path escaping /v1/files/* would reach
+        self._runner = web.AppRunner(app, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -92,7 +92,6 @@ class FakeUpstream:
             }
         )
 
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
     async def _files(self, request: web.Request) -> web.Response:
         await self._record(request)
         return web.json_response({"object": "file", "id": request.match_info["tail"], "query": dict(request.query)})
@@ -101,6 +100,7 @@ class FakeUpstream:
         await self._record(request)
         return web.json_response({"admin": "the operator's account settings"})
 
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
         rec = await self._record(request)
         self.got_chat.set()
         body = rec.json
