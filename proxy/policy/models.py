@@ -53,6 +53,9 @@ class RouteSettings(Strict):
     upstream: str = "default"
     rename_model: str | None = None
     passthrough: bool = False
+    forward_headers: tuple[str, ...] = Field(
+        default=(), description="client headers forwarded upstream besides accept and user-agent (case-insensitive)"
+    )
     mode: Literal["enforce", "monitor"] = "enforce"
     on_block: Literal["refuse", "error"] = "refuse"
     refusal: str = "I'm sorry, but I can't help with that."
