@@ -17,6 +17,7 @@ from proxy.guards.loading import GuardSet
 from proxy.observability import Metrics
 from proxy.policy.store import GuardKind, PolicyContext, PolicyStore
 from proxy.server.auth import Tenants
+from proxy.server.connections import run_server
 from proxy.server.middleware import record_middleware
 from proxy.server.routes import add_routes
 from proxy.server.state import GUARDS, METRICS, POLICIES, READINESS, SETTINGS, TENANTS, UPSTREAMS, Readiness
@@ -160,4 +161,4 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     app = build_app(settings)
     port = port if port is not None else settings.server.port
     log.info("serving", host=host, port=port)
-    web.run_app(app, host=host, port=port, handler_cancellation=True, access_log=None, print=None)
+    run_server(app, host, port)  # connection cap and header/body deadlines: proxy/server/connections.py

@@ -6,6 +6,7 @@ ProxyError
   Unauthorized (401)          missing or unknown API key
   NotFound (404)              unknown path or model
   PayloadTooLarge (413)       body over `max_body_bytes`
+  RequestTimeout (408)        the request body did not arrive within `body_timeout_s`
   UnsupportedMediaType (415)  body is not JSON
   UpstreamError (502)         upstream unreachable, broken stream, malformed reply
     UpstreamTimeout (504)     upstream too slow (connect, total, between chunks)
@@ -77,6 +78,12 @@ class PayloadTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class RequestTimeout(ProxyError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class UnsupportedMediaType(ProxyError):

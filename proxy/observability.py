@@ -98,3 +98,10 @@ class Metrics:
         self.policy_reload_failures = Gauge(
             "guardrail_policy_reload_failures", "Policy reloads rejected since start", registry=r
         )
+        self.open_connections = Gauge("guardrail_open_connections", "Client connections open now", registry=r)
+        self.connections_rejected = Counter(
+            "guardrail_connections_rejected",
+            "Client connections refused past max_connections, or requests too slow to arrive (header/body timeout)",
+            ["reason"],
+            registry=r,
+        )

@@ -45,6 +45,14 @@ class ServerSettings(Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     policy_reload_interval_s: float = Field(default=1.0, gt=0)
     models_upstream: str | None = None
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="a request's headers must be complete this long after the connection "
+        "opened or the previous request ended (an idle keep-alive connection is closed after it)"
+    )
+    body_timeout_s: float = Field(default=30.0, gt=0, description="the whole request body must arrive within this")
+    max_connections: int = Field(
+        default=1024, ge=1, description="open client connections per process; past it, new ones are closed at once"
+    )
 
 
 class UpstreamSettings(Strict):

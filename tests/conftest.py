@@ -25,6 +25,7 @@ from proxy.app import build_app
 from proxy.guards.guard import Guard
 from proxy.guards.runner import GuardRunner
 from proxy.observability import setup_logging
+from proxy.server.connections import start_server
 from proxy.settings import Settings
 from tests.fakes.guards import ScriptedConversationGuard, ScriptedTextGuard
 from tests.fakes.upstream import FakeUpstream
@@ -136,12 +137,8 @@ async def running_proxy(
     settings: Settings, guards: Mapping[str, Guard], upstream: FakeUpstream
 ) -> AsyncIterator[Proxy]:
     app = build_app(settings, guards=guards)
-    runner = web.AppRunner(app, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    proxy = Proxy(f"http://127.0.0.1:{port}", app, upstream, dict(guards), settings.policies_dir)
+    runner, site = await start_server(app, "127.0.0.1", 0)  # the server `serve` runs (connection limits)
+    proxy = Proxy(f"http://127.0.0.1:{site.port}", app, upstream, dict(guards), settings.policies_dir)
     try:
         yield proxy
     finally:

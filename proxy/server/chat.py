@@ -26,6 +26,7 @@ from proxy.protocol import ChatCompletion, ChatRequest
 from proxy.screening.collect import Reply, count_limits, reply_text
 from proxy.screening.pipeline import Verdict, combine, screen, screen_replies
 from proxy.screening.refusal import refusal_completion, replace_choices
+from proxy.server.connections import read_body
 from proxy.server.state import (
     GUARDS,
     METRICS,
@@ -101,7 +102,7 @@ async def read_chat_request(request: web.Request) -> tuple[bytes, dict[str, Any]
     if request.content_length is not None and request.content_length > settings.server.max_body_bytes:
         raise PayloadTooLarge(f"Request body is larger than {settings.server.max_body_bytes} bytes.")
     try:
-        raw = await request.read()
+        raw = await read_body(request)
     except web.HTTPRequestEntityTooLarge as exc:
         raise PayloadTooLarge(f"Request body is larger than {settings.server.max_body_bytes} bytes.") from exc
     try:

@@ -1,0 +1,227 @@
+"""Client connections, before and around the request path: a cap on open connections, a deadline
+for a request's headers and one for its body, so a client that stops sending holds nothing for long.
+
+Past `max_connections` a new connection is closed at once, without an HTTP answer: reading a request
+in order to refuse it is the work the cap exists to bound (the OpenAI SDK retries connection errors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from yarl import URL
+
+from proxy.errors import RequestTimeout
+from proxy.observability import Metrics
+from proxy.server.state import METRICS, SETTINGS
+from proxy.settings import ServerSettings
+
+log = structlog.get_logger("proxy.connections")
+
+
+class ConnectionLimits:
+    """Counts the open connections of one process and admits new ones up to the cap."""
+
+    def __init__(self, settings: ServerSettings, metrics: Metrics) -> None:
+        self.max_connections = settings.max_connections
+        self.header_timeout_s = settings.header_timeout_s
+        self.metrics = metrics
+        self.open = 0
+        self._full = False
+
+    def admit(self) -> bool:
+        if self.open >= self.max_connections:
+            self.metrics.connections_rejected.labels("max_connections").inc()
+            if not self._full:  # once per episode, not once per refused connection
+                self._full = True
+                log.warning("max_connections_reached", max_connections=self.max_connections)
+            return False
+        self.open += 1
+        self.metrics.open_connections.inc()
+        return True
+
+    def release(self) -> None:
+        self.open -= 1
+        self.metrics.open_connections.dec()
+        if self.open <= self.max_connections * 3 // 4:
+            self._full = False
+
+
+class Connection(asyncio.Protocol):
+    """aiohttp's protocol for one connection, behind the cap and the header deadline.
+
+    The deadline runs whenever no request is being handled: from the connection's start, and from
+    the end of each request until the next one's headers are complete. A response still leaving
+    the write buffer postpones it: a client reading slowly is not a client that stopped sending.
+    """
+
+    def __init__(self, inner: asyncio.Protocol, limits: ConnectionLimits) -> None:
+        self._inner = inner
+        self._limits = limits
+        self._transport: asyncio.Transport | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._handling = False
+        self._answered_408 = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        if not self._limits.admit():
+            transport.close()
+            return
+        self._transport = transport
+        self._arm()
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is None:
+            return  # refused at the cap: aiohttp never saw it
+        self._transport = None
+        self._disarm()
+        self._limits.release()
+        self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def request_started(self) -> None:
+        self._handling = True
+        self._disarm()
+
+    def body_timed_out(self) -> None:
+        """The request was answered 408: the deadline that follows closes it, counted once (as body_timeout)."""
+        self._answered_408 = True
+
+    def request_finished(self) -> None:
+        self._handling = False
+        if self._transport is not None:
+            self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(self._limits.header_timeout_s, self._expire)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expire(self) -> None:
+        self._deadline = None
+        transport = self._transport
+        if transport is None or self._handling or transport.is_closing():
+            return
+        if transport.get_write_buffer_size():
+            self._arm()
+            return
+        if not self._answered_408:
+            self._limits.metrics.connections_rejected.labels("header_timeout").inc()
+        transport.close()
+
+
+@web.middleware
+async def track_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Tells the connection a request's headers are complete (its deadline stops) and when the
+    handler is done (the deadline for the next request's headers starts)."""
+    connection = connection_of(request)
+    if connection is None:
+        return await handler(request)  # served without a ConnectionSite
+    connection.request_started()
+    try:
+        return await handler(request)
+    finally:
+        connection.request_finished()
+
+
+def connection_of(request: web.Request) -> Connection | None:
+    transport = request.transport
+    protocol = transport.get_protocol() if transport is not None else None
+    return protocol if isinstance(protocol, Connection) else None
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole request body, or 408 when it has not arrived within `body_timeout_s`."""
+    timeout_s = request.app[SETTINGS].server.body_timeout_s
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except TimeoutError as exc:
+        request.app[METRICS].connections_rejected.labels("body_timeout").inc()
+        if (connection := connection_of(request)) is not None:
+            connection.body_timed_out()
+        raise RequestTimeout(f"The request body did not arrive within {timeout_s:g} seconds.") from exc
+
+
+class ConnectionSite(web.BaseSite):
+    """A TCP site like aiohttp's TCPSite, whose connections go through ConnectionLimits."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, limits: ConnectionLimits) -> None:
+        super().__init__(runner)
+        self._host, self._port = host, port
+        self._limits = limits
+        self._listening: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port once started (useful with port 0)."""
+        if self._listening is not None and self._listening.sockets:
+            return int(self._listening.sockets[0].getsockname()[1])
+        return self._port
+
+    @property
+    def name(self) -> str:
+        return str(URL.build(scheme="http", host=self._host, port=self.port))
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        limits = self._limits
+        self._server = self._listening = await asyncio.get_running_loop().create_server(
+            lambda: Connection(server(), limits), self._host, self._port, backlog=self._backlog
+        )
+
+
+async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, ConnectionSite]:
+    """Start `app` on host:port behind the connection limits of its settings; the caller cleans up
+    the runner. Used by `serve` and by the tests, so both run the same server."""
+    if track_requests not in app.middlewares:
+        app.middlewares.append(track_requests)  # innermost: it only marks when a request runs
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = ConnectionSite(runner, host, port, ConnectionLimits(app[SETTINGS].server, app[METRICS]))
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, site
+
+
+def run_server(app: web.Application, host: str, port: int) -> None:
+    """Serve until SIGINT or SIGTERM. web.run_app owns the loop and the signals; it runs a shell
+    application with no site of its own (`host=[]`) whose lifecycle serves `app` via start_server."""
+
+    async def lifecycle(_: web.Application) -> AsyncIterator[None]:
+        runner, _site = await start_server(app, host, port)
+        try:
+            yield
+        finally:
+            await runner.cleanup()
+
+    shell = web.Application()
+    shell.cleanup_ctx.append(lifecycle)
+    web.run_app(shell, host=[], print=None, access_log=None)
