@@ -7,9 +7,13 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from proxy.guards.guard import GuardError
 from proxy.yaml_source import ConfigError
+
+if TYPE_CHECKING:
+    from proxy.settings import Settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,9 +65,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from proxy.settings import load_settings
 
     settings, _ = load_settings(args.config)
-    setup_logging(settings.server.log_level)
+    setup_logging(settings.server.log_level, secrets=configured_secrets(settings))
     serve(settings, args.host, args.port)
     return 0
+
+
+def configured_secrets(settings: Settings) -> list[str]:
+    """Every key the config names (tenants, upstreams, remote guards): the logs redact them."""
+    from proxy.settings import resolve_secret
+
+    values = [key for tenant in settings.tenants.values() for key in tenant.keys]
+    values += [u.api_key for u in settings.upstreams.values() if u.api_key]
+    values += [g.api_key for g in settings.guards.values() if g.api_key]
+    return [resolve_secret(v) for v in values]
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -5,29 +5,122 @@ by the app (no module-level metric globals). Prompt and completion text are logg
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from collections.abc import Iterable
+from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from structlog.typing import EventDict, Processor, WrappedLogger
 
 HELD_BYTES_BUCKETS = tuple(float(4**k * 1024) for k in range(10))  # 1 KiB .. 256 MiB
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+REDACTED = "[redacted]"
+# Credentials as they appear in headers, reprs of raw header bytes, and exception texts.
+_CREDENTIALS = (
+    (re.compile(r"(?i)\b(bearer|basic)(\s+)[^\s'\",;\\]+"), rf"\1\2{REDACTED}"),
+    (
+        re.compile(r"(?i)\b(authorization|cookie|api-key)(['\"]?\s*[:=]\s*)[^\r\n'\"\\]+"),
+        rf"\1\2{REDACTED}",
+    ),
+    (re.compile(r"\bsk-[A-Za-z0-9_\-]{6,}"), REDACTED),
+)
 
 
-def setup_logging(level: str = "info") -> None:
-    logging.basicConfig(format="%(message)s", stream=sys.stdout, level=level.upper(), force=True)
-    structlog.configure(
+def setup_logging(level: str = "info", secrets: Iterable[str] = ()) -> None:
+    """Every log line, structlog's and the stdlib's (aiohttp, asyncio, litellm), leaves as one JSON
+    object through one formatter that redacts credentials and the configured keys."""
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
         processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.stdlib.add_logger_name,
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            summarize_parser_errors,
             structlog.processors.format_exc_info,
+            Redactor(secrets),
             structlog.processors.JSONRenderer(),
         ],
+    )
+    handler = StdoutHandler()
+    handler.setFormatter(formatter)
+    logging.basicConfig(handlers=[handler], level=level.upper(), force=True)
+    logging.captureWarnings(True)  # a library's warning is a log line too, not plain text on stderr
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.processors.format_exc_info,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=False,
     )
+
+
+class StdoutHandler(logging.Handler):
+    """Writes each line to the current sys.stdout (looked up per line, so a swapped stream, as test
+    capture does, gets it) and flushes it: one JSON object per line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stdout.write(self.format(record) + "\n")
+            sys.stdout.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def summarize_parser_errors(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
+    """aiohttp's HTTP parser errors quote the raw bytes they choked on (a header with its key, a
+    request line): keep the exception's type and a short reason, never its text or traceback."""
+    info = event.get("exc_info")
+    exc = info[1] if isinstance(info, tuple) else info
+    if isinstance(exc, BaseException) and _quotes_raw_input(exc):
+        del event["exc_info"]
+        event["error_type"] = type(exc).__name__
+        event["reason"] = short_reason(exc)
+    return event
+
+
+def _quotes_raw_input(exc: BaseException) -> bool:
+    from aiohttp.http_exceptions import HttpProcessingError
+
+    return isinstance(exc, HttpProcessingError)
+
+
+def short_reason(exc: BaseException) -> str:
+    text = str(getattr(exc, "message", "") or exc)
+    text = re.split(r"[:'\"\r\n\\]", text, maxsplit=1)[0]
+    return "".join(c for c in text if " " <= c <= "~").strip()[:80]
+
+
+class Redactor:
+    """Replaces credentials and the configured secrets in every string of an event."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        # Longest first: a secret that contains another is replaced whole.
+        self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+
+    def __call__(self, logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
+        return {k: self.redact(v) for k, v in event.items()}
+
+    def redact(self, value: Any) -> Any:
+        if isinstance(value, str):
+            for secret in self.secrets:
+                value = value.replace(secret, REDACTED)
+            for pattern, replacement in _CREDENTIALS:
+                value = pattern.sub(replacement, value)
+            return value
+        if isinstance(value, dict):
+            return {k: self.redact(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.redact(v) for v in value]
+        return value
 
 
 class Metrics:

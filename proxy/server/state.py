@@ -57,12 +57,21 @@ class Record:
 
     def fields(self) -> Mapping[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if v is not None and k not in ("started",)}
+        if self.model is not None:
+            out["model"] = loggable(self.model)  # the client's string: may be huge or hold control characters
         out["latency_ms"] = round((time.perf_counter() - self.started) * 1000, 2)
         if not self.checks:
             out.pop("checks", None)
         if not self.categories:
             out.pop("categories", None)
         return out
+
+
+def loggable(text: str, limit: int = 64) -> str:
+    """A client-chosen string fit for a log line: at most `limit` characters, anything non-printable
+    (controls, invisible format characters, lone surrogates) escaped, the length noted when cut."""
+    head = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text[:limit])
+    return head if len(text) <= limit else f"{head}...({len(text)} chars)"
 
 
 RECORD = web.RequestKey("record", Record)
