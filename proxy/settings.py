@@ -108,6 +108,12 @@ class GuardSettings(Strict):
         description="tokens one check may send the model (Prompt Guard: all texts of a request, default 32768; "
         "Llama Guard: one prompt, default 8192); past it the check fails before any forward pass",
     )
+    step_tokens: int = Field(
+        default=512,
+        ge=16,
+        description="a longer check runs as steps of about this many tokens that other checks interleave with "
+        "(Llama Guard prefill chunks; Prompt Guard windows, at least one per step)",
+    )
     # Prompt Guard
     window_tokens: int = Field(default=512, ge=8, le=512)
     window_overlap_tokens: int = Field(default=128, ge=0)
@@ -116,9 +122,6 @@ class GuardSettings(Strict):
     temperature: float = Field(default=1.0, gt=0)
     # Llama Guard
     max_new_tokens: int = Field(default=20, ge=1, le=64)
-    prefill_chunk_tokens: int = Field(
-        default=512, ge=16, description="a longer prompt is prefilled alone in runner steps of this many tokens"
-    )
     min_mass: float = Field(default=0.9, ge=0, le=1)
     # remote
     base_url: str | None = None

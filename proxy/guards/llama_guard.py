@@ -9,9 +9,9 @@ greedy continuation after a forced `unsafe` token, only for conversations scorin
 
 A check is a sequence of runner jobs so that one long prompt never holds the worker: one job
 encodes (past `max_tokens` the check fails before any forward pass); a prompt of at most
-`prefill_chunk_tokens` is then scored in a batch with other requests' prompts; a longer one is
-prefilled alone, one chunk per bulk job (see runner), into its own KV cache (same scores as one
-pass), and a cancelled check submits no further chunk. Prompts with images always take the one-pass path.
+`step_tokens` is then scored in a batch with other requests' prompts; a longer one is prefilled
+alone, `step_tokens` per bulk job (see runner), into its own KV cache (same scores as one pass),
+and a cancelled check submits no further chunk. Prompts with images always take the one-pass path.
 """
 
 from __future__ import annotations
@@ -188,11 +188,11 @@ class _Model:
         return results
 
     def prefill(self, state: _Prefill) -> ConversationScore | None:
-        """Feed the next `prefill_chunk_tokens` of a long prompt into its cache; after the last
+        """Feed the next `step_tokens` of a long prompt into its cache; after the last
         chunk, its score (and categories, read greedily from the same cache)."""
         torch = self.torch
         ids = state.prompt.ids
-        end = min(state.done + self.settings.prefill_chunk_tokens, len(ids))
+        end = min(state.done + self.settings.step_tokens, len(ids))
         with torch.inference_mode():
             out = self.model(
                 input_ids=torch.tensor([ids[state.done : end]], device=self.device),
@@ -307,7 +307,7 @@ class LlamaGuard:
         (prompt,) = await self.runner.submit(self._prepare, [item], key=(id(self), "prepare"))
         if isinstance(prompt, Exception):
             raise prompt
-        if len(prompt.ids) <= self.settings.prefill_chunk_tokens or prompt.pixels:
+        if len(prompt.ids) <= self.settings.step_tokens or prompt.pixels:
             (result,) = await self.runner.submit(self._score, [prompt], key=(id(self), "score"))
             if isinstance(result, Exception):
                 raise result

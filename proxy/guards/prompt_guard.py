@@ -5,8 +5,9 @@ included) overlapping by `window_overlap_tokens`; a text's score is the max over
 check is two kinds of runner job: one tokenizes the request's texts (past `max_windows` for one text,
 or `max_tokens` for all of them, the check fails before any forward pass), then its windows go to the
 model: at most `forward_batch` of them in one job merged with other requests' windows, more as bulk
-steps of `forward_batch` windows that yield to ordinary jobs (see runner), so a short request waits
-for at most the one piece already running; a cancelled check submits no more pieces.
+steps of about `step_tokens` (at least one window, at most `forward_batch`) that yield to ordinary
+jobs (see runner), so a short request waits for at most the one step already running; a cancelled
+check submits no more steps.
 Scores: PG2 P(class 1, malicious); PG1 P(jailbreak) for user text and P(injection)+P(jailbreak) for
 third-party text (reference §3.2).
 """
@@ -180,6 +181,9 @@ class PromptGuard:
         assert self._model is not None
         return self._model.forward(wins)
 
+    def _step_windows(self) -> int:
+        return max(1, min(self.settings.forward_batch, self.settings.step_tokens // self.settings.window_tokens))
+
     async def score_texts(self, texts: list[ScreenText]) -> list[TextScore]:
         model = self._model
         if model is None:
@@ -191,9 +195,9 @@ class PromptGuard:
             raise plan
         flat = [(number, win) for number, wins in enumerate(plan) for win in wins]
         best = [0.0] * len(texts)
-        piece = self.settings.forward_batch
-        # A check of one piece is merged with others; a longer one goes as bulk steps of its own.
-        long: object | None = object() if len(flat) > piece else None
+        # A check of one forward pass is merged with others; a longer one goes as bulk steps of its own.
+        long: object | None = object() if len(flat) > self.settings.forward_batch else None
+        piece = len(flat) if long is None else self._step_windows()
         for start in range(0, len(flat), piece):
             chunk = flat[start : start + piece]
             probs = await self.runner.submit(

@@ -133,12 +133,12 @@ async def test_conversation_over_max_tokens_fails_before_any_forward_pass(tiny: 
 
 @pytest.mark.parametrize("model", ["lg3", "lg3_graded"])
 async def test_chunked_prefill_scores_equal_one_pass(tiny: TinyModels, model: str) -> None:
-    """A prompt longer than prefill_chunk_tokens runs as many runner steps through a KV cache; the
+    """A prompt longer than step_tokens runs as many runner steps through a KV cache; the
     trigger sits in the first chunk, so a cache that forgot earlier chunks would miss it."""
     runner = GuardRunner("cpu", max_wait_ms=0)
     try:
-        chunked = await load_llama_guard(getattr(tiny, model), runner, prefill_chunk_tokens=64)
-        one_pass = await load_llama_guard(getattr(tiny, model), runner, prefill_chunk_tokens=100_000)
+        chunked = await load_llama_guard(getattr(tiny, model), runner, step_tokens=64)
+        one_pass = await load_llama_guard(getattr(tiny, model), runner, step_tokens=100_000)
         for turns in ([Turn("User", "a bomb? " + LONG)], [Turn("User", LONG), Turn("Agent", "Fine. " + LONG)]):
             tokens = len(chunked.encode(turns, Taxonomy()))
             before = runner.batches_run

@@ -244,7 +244,7 @@ async def test_a_cancelled_check_submits_no_further_piece(tiny: TinyModels) -> N
 async def test_a_long_llama_guard_prefill_lets_a_short_one_through(tiny: TinyModels) -> None:
     runner = GuardRunner("cpu", max_batch=4, max_wait_ms=0)
     try:
-        lg = await load_llama_guard(tiny.lg3, runner, prefill_chunk_tokens=256)
+        lg = await load_llama_guard(tiny.lg3, runner, step_tokens=256)
         long = asyncio.create_task(lg.score_conversation([Turn("User", FILLER * 2)], Taxonomy()))
         await asyncio.sleep(0)
         short = asyncio.create_task(lg.score_conversation([Turn("User", "a bomb?")], Taxonomy()))
