@@ -26,6 +26,8 @@ _CREDENTIALS = (
     ),
     (re.compile(r"\bsk-[A-Za-z0-9_\-]{6,}"), REDACTED),
 )
+# One cheap search first: most strings in a log line hold none of these words.
+_SUSPECT = re.compile(r"(?i)bearer|basic|authorization|cookie|api-key|sk-")
 
 
 def setup_logging(level: str = "info", secrets: Iterable[str] = ()) -> None:
@@ -112,9 +114,11 @@ class Redactor:
     def redact(self, value: Any) -> Any:
         if isinstance(value, str):
             for secret in self.secrets:
-                value = value.replace(secret, REDACTED)
-            for pattern, replacement in _CREDENTIALS:
-                value = pattern.sub(replacement, value)
+                if secret in value:
+                    value = value.replace(secret, REDACTED)
+            if _SUSPECT.search(value):
+                for pattern, replacement in _CREDENTIALS:
+                    value = pattern.sub(replacement, value)
             return value
         if isinstance(value, dict):
             return {k: self.redact(v) for k, v in value.items()}
