@@ -3,6 +3,7 @@
 ProxyError
   BadRequest (400)            malformed JSON, wrong types, unknown roles, limits exceeded
     PolicyViolation (400)     a check blocked the request and the route says `on_block: error`
+    TooLargeToScreen (400)    a text is over a guard's `max_tokens` (the route fails closed)
   Unauthorized (401)          missing or unknown API key
   NotFound (404)              unknown path or model
   PayloadTooLarge (413)       body over `max_body_bytes`
@@ -56,6 +57,12 @@ class PolicyViolation(BadRequest):
         body = super().body()
         body["error"]["categories"] = self.categories
         return body
+
+
+class TooLargeToScreen(BadRequest):
+    """A text is over a guard's `max_tokens` and the route fails closed: shorten the request."""
+
+    code = "too_large_to_screen"
 
 
 class Unauthorized(ProxyError):

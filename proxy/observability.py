@@ -182,6 +182,12 @@ class Metrics:
             ["kind", "cap"],
             registry=r,
         )
+        self.unscreened_parts = Counter(
+            "guardrail_unscreened_parts",
+            "Content parts sent upstream unscreened because the route's unscreened_parts allows their type",
+            ["tenant", "route", "type"],
+            registry=r,
+        )
         self.in_flight = Gauge("guardrail_in_flight_requests", "Requests being handled", registry=r)
         self.queue_depth = Gauge(
             "guardrail_guard_queue_depth", "Jobs waiting in a guard runner queue", ["device"], registry=r

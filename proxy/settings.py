@@ -36,6 +36,7 @@ class ServerSettings(Strict):
     )
     port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: int = Field(default=4_000_000, ge=1024)
+    max_json_depth: int = Field(default=64, ge=2, le=512, description="deepest JSON nesting a client may send")
     keepalive_interval_s: float = Field(default=5.0, gt=0)
     max_held_bytes: int = Field(
         default=16 * 1024 * 1024, ge=1024, description="most bytes of one upstream reply held until it is checked"

@@ -63,6 +63,9 @@ class RouteSettings(Strict):
     guard_timeout_s: float = Field(default=10.0, gt=0)
     stream: Literal["buffer"] = "buffer"
     screen_system: bool = False
+    unscreened_parts: tuple[str, ...] = Field(
+        default=(), description="content part types (e.g. input_audio, file) let through unscreened and recorded"
+    )
     input: tuple[CheckSettings, ...] = ()
     output: tuple[CheckSettings, ...] = ()
     excluded_categories: tuple[str, ...] = ()

@@ -3,7 +3,6 @@ screen the output, answer. The request's whole path reads top to bottom in `chat
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -18,15 +17,17 @@ from proxy.errors import (
     PayloadTooLarge,
     PolicyViolation,
     ProxyError,
+    TooLargeToScreen,
     UnsupportedMediaType,
     UpstreamError,
 )
 from proxy.policy.models import RouteSettings
 from proxy.protocol import ChatCompletion, ChatRequest
-from proxy.screening.collect import Reply, count_limits, reply_text
+from proxy.screening.collect import Reply, count_limits, reply_text, unscreened_parts
 from proxy.screening.pipeline import Verdict, combine, screen, screen_replies
 from proxy.screening.refusal import refusal_completion, replace_choices
 from proxy.server.connections import read_body
+from proxy.server.json_body import parse_json_object
 from proxy.server.state import (
     GUARDS,
     METRICS,
@@ -68,7 +69,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if route is None or route.passthrough:
         raise ModelNotFound(f"The model `{chat.model}` does not exist or you do not have access to it.", param="model")
     record.route = route.name
-    check_limits(route, chat)
+    record.unscreened = check_limits(route, chat) or None
+    for part_type in record.unscreened or ():
+        request.app[METRICS].unscreened_parts.labels(tenant.name, route.name, part_type).inc()
     if request.app[SETTINGS].server.log_content:
         record.prompt = payload.get("messages")
     headers = {"x-request-id": record.request_id, "x-guardrail-policy": policy.tag}
@@ -105,12 +108,7 @@ async def read_chat_request(request: web.Request) -> tuple[bytes, dict[str, Any]
         raw = await read_body(request)
     except web.HTTPRequestEntityTooLarge as exc:
         raise PayloadTooLarge(f"Request body is larger than {settings.server.max_body_bytes} bytes.") from exc
-    try:
-        payload = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"We could not parse the JSON body of your request: {exc}") from exc
-    if not isinstance(payload, dict):
-        raise BadRequest("The request body must be a JSON object.")
+    payload = parse_json_object(raw, max_depth=settings.server.max_json_depth)
     try:
         chat = ChatRequest.model_validate(payload)
     except ValidationError as exc:
@@ -133,7 +131,9 @@ def error_param(loc: tuple[int | str, ...]) -> str:
     return ".".join(parts)
 
 
-def check_limits(route: RouteSettings, chat: ChatRequest) -> None:
+def check_limits(route: RouteSettings, chat: ChatRequest) -> list[str]:
+    """Raise a 400 past a limit or for a part the route cannot screen; return the part types that
+    go upstream unscreened because the route allows them."""
     limits = route.limits
     if len(chat.messages) > limits.max_messages:
         raise BadRequest(f"Too many messages: {len(chat.messages)} > {limits.max_messages}.", param="messages")
@@ -142,6 +142,7 @@ def check_limits(route: RouteSettings, chat: ChatRequest) -> None:
         raise BadRequest(f"Too much text: {chars} characters > {limits.max_characters}.", param="messages")
     if images > limits.max_images:
         raise BadRequest(f"Too many images: {images} > {limits.max_images}.", param="messages")
+    return unscreened_parts(chat, route.unscreened_parts)
 
 
 async def screen_input(request: web.Request, route: RouteSettings, chat: ChatRequest) -> Verdict:
@@ -196,9 +197,17 @@ def note(request: web.Request, route: RouteSettings, *verdicts: Verdict) -> None
             record.decision = decision
 
 
-def guard_failure(verdict: Verdict) -> GuardUnavailable:
-    failed = [r.guard for r in verdict.results if r.error and r.enforced]
-    return GuardUnavailable(f"Content screening is unavailable ({', '.join(failed)}); retry later.", retry_after_s=2)
+def guard_failure(verdict: Verdict) -> ProxyError:
+    """503 for a guard that failed; when every failure is a text over a guard's `max_tokens`,
+    retrying cannot help: a 400 for the request, a 502 for the upstream's reply."""
+    failed = [r for r in verdict.results if r.error and r.enforced]
+    if failed and all(r.over_limit for r in failed):
+        detail = "; ".join(sorted({r.error or "" for r in failed}))
+        if any(r.side == "output" for r in failed):
+            return UpstreamError(f"The upstream's reply is too long to screen: {detail}.")
+        return TooLargeToScreen(f"The request is too long to screen: {detail}.", param="messages")
+    names = ", ".join(dict.fromkeys(r.guard for r in failed))
+    return GuardUnavailable(f"Content screening is unavailable ({names}); retry later.", retry_after_s=2)
 
 
 def violation(verdict: Verdict) -> PolicyViolation:

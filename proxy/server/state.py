@@ -52,6 +52,7 @@ class Record:
     upstream: str | None = None
     upstream_ms: float | None = None
     error: str | None = None
+    unscreened: list[str] | None = None
     prompt: Any = None
     completion: Any = None
 

@@ -28,6 +28,7 @@ class Received:
 class FakeUpstream:
     replies: list[str] = field(default_factory=lambda: ["Hello! How can I help you today?"])
     tool_call: dict[str, str] | None = None  # {"name": ..., "arguments": ...} when the request has tools
+    reasoning: str | None = None  # sent as message.reasoning_content in JSON replies
     mode: str = "ok"
     # mode "raw": a stream sends these bytes as they are (None: wait for `gate` first); a JSON
     # request, or any request when raw_status is not 200, gets `raw_body` with `raw_status`.
@@ -130,6 +131,8 @@ class FakeUpstream:
         choices = []
         for i, text in enumerate(self._texts(n)):
             message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            if self.reasoning is not None:
+                message["reasoning_content"] = self.reasoning
             finish = "stop"
             if body.get("tools") and self.tool_call:
                 message = {
