@@ -7,6 +7,7 @@ import asyncio
 import json
 from typing import Any
 
+import aiohttp
 import pytest
 
 from proxy.observability import setup_logging
@@ -104,3 +105,12 @@ async def test_model_is_logged_escaped_and_cut(start_proxy: Any, capsys: pytest.
 )
 def test_loggable(model: str, logged: str) -> None:
     assert loggable(model) == logged
+
+
+async def test_path_is_logged_escaped_and_cut(start_proxy: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    path = "/v1/" + "%E2%80%AE" + "b" * 500
+    async with start_proxy() as proxy, aiohttp.ClientSession() as http, http.get(proxy.url + path) as resp:
+        assert resp.status == 400  # a path outside RFC 3986 characters
+    request = next(r for r in json_lines(capsys.readouterr().out) if r.get("event") == "request")
+    assert request["path"].startswith("/v1/\\u202ebbb")
+    assert len(request["path"]) < 160

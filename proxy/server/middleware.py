@@ -11,7 +11,7 @@ from aiohttp.typedefs import Handler
 
 from proxy.errors import BadRequest, NotFound, ProxyError
 from proxy.protocol import error_body
-from proxy.server.state import METRICS, RECORD, Record
+from proxy.server.state import METRICS, RECORD, Record, loggable
 from proxy.streaming.held_response import HELD, HeldResponse
 
 log = structlog.get_logger("proxy.request")
@@ -95,4 +95,4 @@ def _finish(request: web.Request, record: Record) -> None:
     metrics.requests.labels(record.tenant or "-", record.route or "-", record.decision, str(record.status)).inc()
     fields = dict(record.fields())
     structlog.contextvars.unbind_contextvars("request_id", "tenant")
-    log.info("request", path=request.path, **fields)
+    log.info("request", path=loggable(request.path, 128), **fields)
