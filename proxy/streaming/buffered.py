@@ -36,6 +36,7 @@ from proxy.streaming.sse import DONE, Event, EventReader, MalformedStream, data_
 
 REPLAY_PIECE_BYTES = 64 * 1024
 _YIELD_EVERY_EVENTS = 512  # a read with many events gives the loop a turn this often
+_PIECES_PER_BLOCK = 256
 
 
 class ReplyTooLarge(UpstreamError):
@@ -65,19 +66,44 @@ class UpstreamReported(UpstreamError):
         return error_body(self.message, self.type, self.upstream_code or self.code)
 
 
+class _Text:
+    """Text that arrives in many small pieces, kept as a few large strings: a string per delta
+    would cost about 50 bytes more than its text."""
+
+    __slots__ = ("_blocks", "_pieces")
+
+    def __init__(self) -> None:
+        self._blocks: list[str] = []
+        self._pieces: list[str] = []
+
+    def add(self, text: str) -> None:
+        if text:
+            self._pieces.append(text)
+            if len(self._pieces) >= _PIECES_PER_BLOCK:
+                self._blocks.append("".join(self._pieces))
+                self._pieces.clear()
+
+    def extend(self, texts: list[str]) -> None:
+        for text in texts:
+            self.add(text)
+
+    def value(self) -> str:
+        return "".join(self._blocks) + "".join(self._pieces)
+
+
 @dataclass
 class _ChoiceText:
-    reasoning: list[str] = field(default_factory=list)
-    content: list[str] = field(default_factory=list)
-    tools: dict[int, list[str]] = field(default_factory=dict)
-    refusal: list[str] = field(default_factory=list)
-    other: dict[str, list[str]] = field(default_factory=dict)
+    reasoning: _Text = field(default_factory=_Text)
+    content: _Text = field(default_factory=_Text)
+    tools: dict[int, _Text] = field(default_factory=dict)
+    refusal: _Text = field(default_factory=_Text)
+    other: dict[str, _Text] = field(default_factory=dict)
 
     def text(self) -> str:
-        parts = ["".join(self.reasoning), "".join(self.content)]
-        parts += ["".join(args) for _, args in sorted(self.tools.items())]
-        parts.append("".join(self.refusal))
-        parts += ["".join(texts) for texts in self.other.values()]
+        parts = [self.reasoning.value(), self.content.value()]
+        parts += [args.value() for _, args in sorted(self.tools.items())]
+        parts.append(self.refusal.value())
+        parts += [texts.value() for texts in self.other.values()]
         return "\n".join(p for p in parts if p)
 
 
@@ -131,18 +157,13 @@ class HeldStream:
             delta = mapping(choice.get("delta"), f"{at}.delta")
             text_of(choice, "finish_reason", at)
             for key in ("reasoning_content", "reasoning"):
-                _append(state.reasoning, text_of(delta, key, f"{at}.delta"))
-            _append(state.content, content_text(delta.get("content"), f"{at}.delta"))
-            _append(state.refusal, text_of(delta, "refusal", f"{at}.delta"))
+                state.reasoning.add(text_of(delta, key, f"{at}.delta"))
+            state.content.add(content_text(delta.get("content"), f"{at}.delta"))
+            state.refusal.add(text_of(delta, "refusal", f"{at}.delta"))
             for index, name, arguments in tool_calls_of(delta, f"{at}.delta", indexed=True):
-                state.tools.setdefault(index, []).append(f"{name}({arguments}" if name else arguments)
+                state.tools.setdefault(index, _Text()).add(f"{name}({arguments}" if name else arguments)
             for key, texts in [*other_text(delta, KNOWN_FIELDS).items(), *other_text(choice, CHOICE_FIELDS).items()]:
-                state.other.setdefault(key, []).extend(texts)
-
-
-def _append(texts: list[str], text: str) -> None:
-    if text:
-        texts.append(text)
+                state.other.setdefault(key, _Text()).extend(texts)
 
 
 def _parse(data: str) -> dict[str, Any]:
@@ -170,7 +191,7 @@ async def hold(chunks: AsyncIterator[bytes], *, max_bytes: int, max_events: int)
     raise MalformedStream("upstream stream ended before [DONE]")
 
 
-async def _add_all(held: HeldStream, events: list[Event], max_events: int) -> bool:
+async def _add_all(held: HeldStream, events: Iterator[Event], max_events: int) -> bool:
     for n, event in enumerate(events, 1):
         held.events += 1
         if held.events > max_events:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,40 +70,40 @@ class EventReader:
         """Bytes held for an event that is not complete yet."""
         return len(self._buf) - self._start
 
-    def feed(self, chunk: bytes) -> list[Event]:
-        self._buf += chunk
-        events = self._read_lines(final=False)
+    def feed(self, chunk: bytes) -> Iterator[Event]:
+        """The events `chunk` completes, parsed as they are taken (a caller can give the loop a
+        turn between them); take them all before the next `feed`."""
         if self._start:
             del self._buf[: self._start]  # O(1) at the front of a bytearray
             self._line -= self._start
             self._scan -= self._start
             self._start = 0
-        return events
+        self._buf += chunk
+        return self._read_lines(final=False)
 
-    def close(self) -> list[Event]:
+    def close(self) -> Iterator[Event]:
         """The stream ended: a last event without its blank line is an error (broken stream)."""
-        events = self._read_lines(final=True)
+        yield from self._read_lines(final=True)
         if self._data or self._other or self._buf[self._line :].strip():
             raise MalformedStream("stream ended inside an event")
-        return events
 
-    def _read_lines(self, *, final: bool) -> list[Event]:
-        buf, events = self._buf, list[Event]()
+    def _read_lines(self, *, final: bool) -> Iterator[Event]:
+        buf = self._buf
         while True:
             match = _EOL.search(buf, self._scan)
             if match is None:
                 self._scan = len(buf)
-                return events
+                return
             end = match.end()
             if end == len(buf) and match.group() == b"\r" and not final:
                 self._scan = match.start()  # maybe the first half of a CRLF split across reads
-                return events
+                return
             line = bytes(buf[self._line : match.start()])
             self._line = self._scan = end
             if line:
                 self._add_line(line)
             elif self._data or self._other:
-                events.append(self._dispatch(bytes(buf[self._start : end])))
+                yield self._dispatch(bytes(buf[self._start : end]))
             else:
                 self._start = end  # a stray blank line belongs to no event
 

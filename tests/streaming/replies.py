@@ -79,8 +79,9 @@ async def post(
     body: dict[str, Any] = {"model": "m", "messages": GOOD, "stream": stream}
     if n is not None:
         body["n"] = n
+    # A bound on the whole exchange: a stream that is never ended fails the test instead of hanging it.
     async with (
-        aiohttp.ClientSession() as http,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
         http.post(url + "/v1/chat/completions", json=body) as resp,
     ):
         if on_headers is not None:

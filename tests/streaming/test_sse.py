@@ -11,7 +11,7 @@ from proxy.streaming.sse import Event, EventReader, MalformedStream, data_of, fr
 def read_all(pieces: list[bytes]) -> list[Event]:
     reader = EventReader()
     events = [e for piece in pieces for e in reader.feed(piece)]
-    return events + reader.close()
+    return events + list(reader.close())
 
 
 STREAMS = {
@@ -41,7 +41,7 @@ def test_every_split_point_gives_the_same_events(name: str) -> None:
 
 def test_many_events_in_one_read() -> None:
     stream = b"".join(f'data: {{"n":{i}}}\n\n'.encode() for i in range(10_000))
-    events = EventReader().feed(stream)
+    events = list(EventReader().feed(stream))
     assert [e.data for e in events] == [f'{{"n":{i}}}' for i in range(10_000)]
 
 
@@ -74,14 +74,14 @@ def test_stray_blank_lines_are_no_events() -> None:
 @pytest.mark.parametrize("tail", [b"data: {", b"data: {}\n", b": comment\n"])
 def test_stream_ending_inside_an_event_is_malformed(tail: bytes) -> None:
     reader = EventReader()
-    reader.feed(b"data: 1\n\n" + tail)
+    assert [e.data for e in reader.feed(b"data: 1\n\n" + tail)] == ["1"]
     with pytest.raises(MalformedStream):
-        reader.close()
+        list(reader.close())
 
 
 def test_non_utf8_data_is_malformed() -> None:
     with pytest.raises(MalformedStream, match="UTF-8"):
-        EventReader().feed(b"data: \xff\xfe\n\n")
+        list(EventReader().feed(b"data: \xff\xfe\n\n"))
 
 
 @pytest.mark.parametrize("data", ["{}", "a\nb", "[DONE]", " x"])
