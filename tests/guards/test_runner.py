@@ -9,13 +9,16 @@ import functools
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
+import openai
 import pytest
 
-from proxy.guards.guard import GuardError, GuardOverloaded, ScreenText, Taxonomy, Turn
+from proxy.guards.guard import GuardError, GuardOverloaded, ScreenText, Taxonomy, TextScore, Turn
 from proxy.guards.prompt_guard import PromptGuard
 from proxy.guards.runner import GuardRunner, current_tenant
+from tests.fakes.guards import ScriptedConversationGuard
 from tests.guards.conftest import load_llama_guard, load_prompt_guard
 from tests.guards.model_fixtures import TinyModels
 
@@ -156,6 +159,57 @@ async def test_one_tenant_holds_at_most_its_share_of_the_queue() -> None:
     assert rejected == ["tenant_share"]
 
 
+@dataclass
+class QueuedTextGuard:
+    """A TextGuard whose work goes through a real GuardRunner, as the model guards' does; `queued`
+    gets each text once its job is in the runner's queue."""
+
+    runner: GuardRunner
+    name: str = "prompt_guard"
+    queued: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+
+    async def score_texts(self, texts: list[ScreenText]) -> list[TextScore]:
+        work = self.runner.submit(lambda items: [TextScore(0.01) for _ in items], list(texts))
+        job: asyncio.Task[list[TextScore]] = asyncio.create_task(work)
+        await asyncio.sleep(0)  # the job is queued (or refused) in submit's first step
+        self.queued.put_nowait(texts[-1].text)
+        return await job
+
+
+async def test_tenant_share_through_the_proxy(start_proxy: Any) -> None:
+    """The server names the tenant (bind_tenant): a tenant past its share of the queue gets 503 with
+    Retry-After while another tenant's request is still taken."""
+    runner = GuardRunner("cpu", max_batch=1, max_wait_ms=0, max_queue=4, tenant_queue_share=0.25)
+    guard = QueuedTextGuard(runner)
+    gate = threading.Event()
+    tenants = {
+        "acme": {"keys": ["sk-acme-1"], "policy": "default"},
+        "beta": {"keys": ["sk-beta-1"], "policy": "default"},
+    }
+    guards: dict[str, Any] = {"prompt_guard": guard, "llama_guard": ScriptedConversationGuard()}
+    messages: Any = [{"role": "user", "content": "hi"}]
+    try:
+        async with start_proxy(guards=guards, tenants=tenants) as proxy:
+            running = asyncio.create_task(runner.submit(lambda items: [gate.wait(10)], [0]))  # holds the worker
+            acme, beta = proxy.client("sk-acme-1"), proxy.client("sk-beta-1")
+            first = asyncio.create_task(acme.chat.completions.create(model="m", messages=messages))
+            await guard.queued.get()
+            with pytest.raises(openai.APIStatusError) as refused:
+                await acme.chat.completions.create(model="m", messages=messages)
+            other = asyncio.create_task(beta.chat.completions.create(model="m", messages=messages))
+            await guard.queued.get()
+            await guard.queued.get()
+            gate.set()
+            assert (await first).choices[0].message.content
+            assert (await other).choices[0].message.content
+            await running
+    finally:
+        gate.set()
+        await runner.stop()
+    assert refused.value.status_code == 503
+    assert refused.value.response.headers["Retry-After"]
+
+
 async def test_a_failing_batch_fails_only_its_culprit() -> None:
     """One job's input breaks the merged call: the runner re-runs each job alone, so only it fails."""
     runner = GuardRunner("cpu", max_batch=8, max_wait_ms=50)
@@ -169,7 +223,9 @@ async def test_a_failing_batch_fails_only_its_culprit() -> None:
 
     try:
         results = await asyncio.gather(
-            runner.submit(fn, ["one"]), runner.submit(fn, ["bad"]), runner.submit(fn, ["two"]),
+            runner.submit(fn, ["one"]),
+            runner.submit(fn, ["bad"]),
+            runner.submit(fn, ["two"]),
             return_exceptions=True,
         )
     finally:
