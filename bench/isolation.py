@@ -10,7 +10,7 @@ scenario runs in a fresh process (a stuck guard worker dies with it). Timings on
 asserts.
 
     python bench/isolation.py                        # every scenario, 20 s each
-    python bench/isolation.py --seconds 10 --only baseline,prompt-16k
+    python bench/isolation.py --seconds 10 --only baseline,prompt-16k --step-tokens 128
     cd /tmp/before && PYTHONPATH=. python /work/main/bench/isolation.py   # the same against other code
 """
 
@@ -84,26 +84,26 @@ async def fake_upstream() -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{port}/v1"
 
 
-async def start_proxy(models: dict[str, str], upstream_url: str, workdir: Path, scenario: str) -> tuple[Any, str]:
+async def start_proxy(
+    models: dict[str, str], upstream_url: str, workdir: Path, scenario: str, step_tokens: int | None
+) -> tuple[Any, str]:
     from proxy.app import build_app
     from proxy.server.state import READINESS
     from proxy.settings import GuardSettings, Settings
 
     (workdir / "default.yaml").write_text(POLICY)
     llama_guard: dict[str, Any] = {"family": "llama-guard-3-1b", "model": models["lg"]}
-    if scenario == "prompt-16k-screened":
-        llama_guard["max_tokens"] = 32768
-    if "max_tokens" not in GuardSettings.model_fields:
-        llama_guard.pop("max_tokens", None)  # code without caps: the prompt is screened anyway
+    prompt_guard: dict[str, Any] = {"family": "prompt-guard-2", "model": models["pg"]}
+    if scenario == "prompt-16k-screened" and "max_tokens" in GuardSettings.model_fields:
+        llama_guard["max_tokens"] = 32768  # code without caps screens the prompt anyway
+    if step_tokens and "step_tokens" in GuardSettings.model_fields:
+        llama_guard["step_tokens"] = prompt_guard["step_tokens"] = step_tokens
     settings = Settings.model_validate(
         {
             "upstreams": {"default": {"base_url": upstream_url, "api_key": "sk-upstream"}},
             "tenants": {"a": {"keys": [KEY_A], "policy": "default"}, "b": {"keys": [KEY_B], "policy": "default"}},
             "policies_dir": str(workdir),
-            "guards": {
-                "prompt_guard": {"family": "prompt-guard-2", "model": models["pg"]},
-                "llama_guard": llama_guard,
-            },
+            "guards": {"prompt_guard": prompt_guard, "llama_guard": llama_guard},
         }
     )
     app = build_app(settings)
@@ -133,12 +133,14 @@ async def post(http: aiohttp.ClientSession, url: str, key: str, content: str, ti
     return status, time.perf_counter() - start
 
 
-async def run_one(scenario: str, models: dict[str, str], big_prompt: str, seconds: float) -> dict[str, Any]:
+async def run_one(
+    scenario: str, models: dict[str, str], big_prompt: str, seconds: float, step_tokens: int | None
+) -> dict[str, Any]:
     import proxy
 
     upstream, upstream_url = await fake_upstream()
     with tempfile.TemporaryDirectory() as tmp:
-        server, url = await start_proxy(models, upstream_url, Path(tmp), scenario)
+        server, url = await start_proxy(models, upstream_url, Path(tmp), scenario, step_tokens)
         a_results: list[tuple[int, float]] = []
         b_results: list[tuple[int, float]] = []
         async with aiohttp.ClientSession() as http:
@@ -210,8 +212,8 @@ def build_models(root: Path) -> tuple[dict[str, str], str]:
     return {"lg": str(lg), "pg": str(pg)}, text
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"code: {rows[0]['code']}")
+def print_table(rows: list[dict[str, Any]], step_tokens: int | None) -> None:
+    print(f"code: {rows[0]['code']}, step_tokens: {step_tokens or 'default'}")
     header = (
         "| scenario | A requests | A p50 ms | A p99 ms | A max ms | A 503s | B statuses (requests) "
         "| loop gap max ms | peak RSS MB |"
@@ -230,6 +232,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
+    parser.add_argument("--step-tokens", type=int, help="the guards' step_tokens (default: the code's default)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--models", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -238,7 +241,7 @@ def main() -> None:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     if args.one:  # a child: one scenario, JSON out
         spec = json.loads(Path(args.models).read_text())
-        result = asyncio.run(run_one(args.one, spec["models"], spec["prompt"], args.seconds))
+        result = asyncio.run(run_one(args.one, spec["models"], spec["prompt"], args.seconds, args.step_tokens))
         print(json.dumps(result))
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -247,17 +250,11 @@ def main() -> None:
         spec_path.write_text(json.dumps({"models": models, "prompt": prompt}))
         rows = []
         for scenario in args.only.split(","):
+            command = [sys.executable, __file__, "--one", scenario, "--models", str(spec_path)]
+            command += ["--seconds", str(args.seconds)]
+            command += ["--step-tokens", str(args.step_tokens)] if args.step_tokens else []
             child = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--one",
-                    scenario,
-                    "--models",
-                    str(spec_path),
-                    "--seconds",
-                    str(args.seconds),
-                ],
+                command,
                 capture_output=True,
                 text=True,
                 timeout=args.seconds + 900,
@@ -269,7 +266,7 @@ def main() -> None:
             rows.append(json.loads(lines[-1]))
             print(f"{scenario}: {SCENARIOS[scenario]}: done", file=sys.stderr)
         if rows:
-            print_table(rows)
+            print_table(rows, args.step_tokens)
 
 
 if __name__ == "__main__":
