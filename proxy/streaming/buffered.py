@@ -150,17 +150,19 @@ class HeldStream:
             self.id = self.id or chunk["id"]
         if type(chunk.get("created")) is int:
             self.created = self.created or chunk["created"]
-        for n, choice in enumerate(items(chunk.get("choices"), "choices")):
-            at = f"choices[{n}]"
+        # Where a fault is, named without the choice's position: building that name per delta is
+        # most of the cost of reading one.
+        at, in_delta = "choices[]", "choices[].delta"
+        for choice in items(chunk.get("choices"), "choices"):
             choice = mapping(choice, at)
             state = self.choices.setdefault(index_of(choice, at), _ChoiceText())
-            delta = mapping(choice.get("delta"), f"{at}.delta")
+            delta = mapping(choice.get("delta"), in_delta)
             text_of(choice, "finish_reason", at)
             for key in ("reasoning_content", "reasoning"):
-                state.reasoning.add(text_of(delta, key, f"{at}.delta"))
-            state.content.add(content_text(delta.get("content"), f"{at}.delta"))
-            state.refusal.add(text_of(delta, "refusal", f"{at}.delta"))
-            for index, name, arguments in tool_calls_of(delta, f"{at}.delta", indexed=True):
+                state.reasoning.add(text_of(delta, key, in_delta))
+            state.content.add(content_text(delta.get("content"), in_delta))
+            state.refusal.add(text_of(delta, "refusal", in_delta))
+            for index, name, arguments in tool_calls_of(delta, in_delta, indexed=True):
                 state.tools.setdefault(index, _Text()).add(f"{name}({arguments}" if name else arguments)
             for key, texts in [*other_text(delta, KNOWN_FIELDS).items(), *other_text(choice, CHOICE_FIELDS).items()]:
                 state.other.setdefault(key, _Text()).extend(texts)
