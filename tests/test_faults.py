@@ -118,6 +118,8 @@ async def test_upstream_error_status_relayed_unchanged(start_proxy: Any, status:
             await proxy.client().chat.completions.create(model="m", messages=GOOD, stream=stream)
     assert info.value.status_code == status
     assert info.value.response.content == proxy.upstream.error_body
+    # The input passed; the reply was an error relayed as is, not a screened allow.
+    assert info.value.response.headers["x-guardrail-decision"] == "upstream_error"
 
 
 async def test_upstream_non_json_reply_is_502(start_proxy: Any) -> None:

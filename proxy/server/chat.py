@@ -238,6 +238,10 @@ async def answer_input_block(
     )
 
 
+# The decision header of an upstream 4xx/5xx relayed as is: the input passed, no reply was screened.
+RELAYED_ERROR = "upstream_error"
+
+
 def relay_unchanged(
     status: int, body: bytes, upstream_headers: dict[str, str], headers: dict[str, str], decision: str
 ) -> web.Response:
@@ -276,7 +280,7 @@ async def relay_json(
     record.upstream_ms = round((time.perf_counter() - started) * 1000, 2)
     request.app[METRICS].upstream_latency.labels(upstream.name).observe(record.upstream_ms / 1000)
     if status != 200:
-        return relay_unchanged(status, body, upstream_headers, headers, record.decision)
+        return relay_unchanged(status, body, upstream_headers, headers, RELAYED_ERROR)
     try:
         completion_json = parse_completion(body)
         completion = ChatCompletion.model_validate(completion_json)
@@ -327,7 +331,7 @@ async def relay_stream(
         async with upstream.open(out) as reply:
             if reply.status != 200:
                 body = await read_reply(request, record, reply)
-                return relay_unchanged(reply.status, body, dict(reply.headers), headers, record.decision)
+                return relay_unchanged(reply.status, body, dict(reply.headers), headers, RELAYED_ERROR)
             async with HeldResponse(request, headers, interval) as held_response:
                 held = await hold_stream(request, record, reply)
                 record.upstream_ms = round((time.perf_counter() - started) * 1000, 2)
