@@ -9,7 +9,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy.errors import BadRequest, NotFound, ProxyError
+from proxy.errors import BadRequest, NotFound, ProxyError, UpstreamError
 from proxy.protocol import error_body
 from proxy.server.state import METRICS, RECORD, Record, loggable
 from proxy.streaming.held_response import HELD, HeldResponse
@@ -60,6 +60,13 @@ async def _handle(request: web.Request, handler: Handler, record: Record) -> web
             response = await held.fail(exc)
             record.error = record.error or held.failure
             return response
+        if request.writer.output_size > 0:
+            # Another response (a passthrough relay) already sent bytes: a second one would land in
+            # its body. aiohttp closes the connection instead, so the client sees a broken reply.
+            log.error("failed_after_headers", exc_info=exc, request_id=record.request_id, path=request.path)
+            record.error = record.error or (exc.code if isinstance(exc, ProxyError) else None) or "internal_error"
+            record.status = 502 if isinstance(exc, UpstreamError) else 500
+            raise
         return _error(request, exc, record)
 
 

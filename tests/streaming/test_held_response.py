@@ -130,3 +130,25 @@ async def test_guard_failure_after_a_keepalive_through_the_proxy(start_proxy: An
     # internal_error while an unprintable exception escapes the pipeline; guard_unavailable if the
     # pipeline ever takes it as a guard error. Either way: one event, then [DONE].
     assert final_error(answer.body)["code"] in ("internal_error", "guard_unavailable")
+
+
+async def test_failure_after_a_plain_response_started_never_writes_a_second_one() -> None:
+    """A response other than a held stream (a passthrough relay) that already sent bytes cannot end
+    with an error event; the connection is closed instead, so the client sees a broken reply."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await response.prepare(request)
+        await response.write(b"first bytes ")
+        raise UpstreamError("The upstream went away.")
+
+    async with serve(handler) as url:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        raw = await asyncio.wait_for(reader.read(), 30)  # to EOF: the proxy closes the connection
+        writer.close()
+        await writer.wait_closed()
+    assert raw.startswith(b"HTTP/1.1 200 ")
+    assert raw.count(b"HTTP/1.1") == 1
+    assert b"first bytes " in raw and not raw.endswith(b"0\r\n\r\n")  # the chunked body never ends
