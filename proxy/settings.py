@@ -71,6 +71,10 @@ class UpstreamSettings(Strict):
     def _needs_url(self) -> UpstreamSettings:
         if self.kind == "openai" and not self.base_url:
             raise ValueError("base_url is required for an openai upstream")
+        if self.kind == "litellm" and not (self.provider_model_prefix or "").endswith("/"):
+            # Without it the client's model string ("openai/...", "ollama/...") would pick the
+            # provider, and so where the configured key is sent.
+            raise ValueError("provider_model_prefix (e.g. anthropic/) is required for a litellm upstream")
         return self
 
     def key(self) -> str | None:

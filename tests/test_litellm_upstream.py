@@ -168,3 +168,14 @@ async def test_provider_error_status_is_relayed(start_proxy: Any, anthropic: Fak
                 model="claude-x", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
             )
     assert len(anthropic.requests) == 1
+
+
+@pytest.mark.parametrize("prefix", [None, "", "anthropic"])
+def test_litellm_upstream_needs_a_provider_prefix(prefix: str | None) -> None:
+    """Without a fixed provider the client's model string ("openai/...") would choose where the key goes."""
+    from pydantic import ValidationError
+
+    from proxy.settings import UpstreamSettings
+
+    with pytest.raises(ValidationError, match="provider_model_prefix"):
+        UpstreamSettings.model_validate({"kind": "litellm", "provider_model_prefix": prefix})
