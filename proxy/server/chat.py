@@ -40,18 +40,9 @@ from proxy.server.state import (
     bind_tenant,
     record_of,
 )
-from proxy.streaming.buffered import (
-    HeldStream,
-    ReplyTooLarge,
-    hold,
-    hold_body,
-    parse_completion,
-    refusal_stream,
-    replay,
-    unrelayable_status,
-)
+from proxy.streaming.buffered import HeldStream, ReplyTooLarge, hold, hold_body, refusal_stream, replay
 from proxy.streaming.held_response import SSE_HEADERS, HeldResponse
-from proxy.streaming.shape import MalformedReply
+from proxy.streaming.shape import MalformedReply, parse_completion, unrelayable_status
 from proxy.upstream.relay import Outgoing, Upstream, rewrite_body
 from proxy.upstream.relay import Reply as UpstreamReply
 

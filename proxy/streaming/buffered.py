@@ -21,8 +21,6 @@ from proxy.screening.collect import Reply
 from proxy.streaming.shape import (
     CHOICE_FIELDS,
     KNOWN_FIELDS,
-    MalformedReply,
-    check_completion,
     content_text,
     index_of,
     items,
@@ -214,24 +212,6 @@ async def hold_body(chunks: AsyncIterator[bytes], max_bytes: int) -> bytes:
         if len(body) > max_bytes:
             raise ReplyTooLarge("max_held_bytes", max_bytes, "bytes")
     return bytes(body)
-
-
-def parse_completion(body: bytes) -> Any:
-    """A JSON reply's body parsed and its shape checked (MalformedReply otherwise)."""
-    try:
-        completion = json.loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise MalformedReply("the reply is not JSON") from exc
-    check_completion(completion)
-    return completion
-
-
-def unrelayable_status(status: int) -> UpstreamError | None:
-    """Only 200 is read and screened and only 4xx/5xx errors are relayed as they are: any other
-    status (1xx, 201-299, 3xx) carries a body nobody checked."""
-    if status == 200 or 400 <= status < 600:
-        return None
-    return UpstreamError(f"The upstream answered with HTTP {status}, which the proxy does not relay.")
 
 
 def replay(held: HeldStream, blocked: set[int], refusal: str) -> Iterator[bytes]:

@@ -5,14 +5,16 @@ A field that carries text a client shows is read as text; one whose shape the pr
 with certainty (object-valued tool-call arguments, unknown content parts, an index that is not a
 small integer) is a MalformedReply, answered with 502 or a final error event, never relayed.
 Object-valued `arguments` are refused rather than screened as their JSON: a client may render them
-in any form, so no one serialisation is what it shows.
+in any form, so no one serialisation is what it shows. Only a 200 reply is read at all.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
+from proxy.errors import UpstreamError
 from proxy.screening.collect import TEXT_PART_FIELDS, extra_text
 
 MAX_CHOICES = 128  # the most choices a request may ask for (`n`)
@@ -140,3 +142,21 @@ def check_completion(body: Any) -> None:
         for key in ("refusal", "reasoning_content", "reasoning"):
             text_of(message, key, f"{at}.message")
         tool_calls_of(message, f"{at}.message", indexed=False)
+
+
+def parse_completion(body: bytes) -> Any:
+    """A JSON reply's body parsed and its shape checked (MalformedReply otherwise)."""
+    try:
+        completion = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise MalformedReply("the reply is not JSON") from exc
+    check_completion(completion)
+    return completion
+
+
+def unrelayable_status(status: int) -> UpstreamError | None:
+    """Only 200 is read and screened and only 4xx/5xx errors are relayed as they are: any other
+    status (1xx, 201-299, 3xx) carries a body nobody checked."""
+    if status == 200 or 400 <= status < 600:
+        return None
+    return UpstreamError(f"The upstream answered with HTTP {status}, which the proxy does not relay.")
