@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import structlog
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.typedefs import Handler
 from yarl import URL
 
@@ -21,6 +21,7 @@ from proxy.server.state import METRICS, SETTINGS
 from proxy.settings import ServerSettings
 
 log = structlog.get_logger("proxy.connections")
+BODY_GRACE_S = 1.0  # time for a handler's own 408 (read_body) to go out before the connection is cut
 
 
 class ConnectionLimits:
@@ -29,6 +30,7 @@ class ConnectionLimits:
     def __init__(self, settings: ServerSettings, metrics: Metrics) -> None:
         self.max_connections = settings.max_connections
         self.header_timeout_s = settings.header_timeout_s
+        self.body_timeout_s = settings.body_timeout_s
         self.metrics = metrics
         self.open = 0
         self._full = False
@@ -52,20 +54,23 @@ class ConnectionLimits:
 
 
 class Connection(asyncio.Protocol):
-    """aiohttp's protocol for one connection, behind the cap and the header deadline.
+    """aiohttp's protocol for one connection, behind the cap and two deadlines.
 
-    The deadline runs whenever no request is being handled: from the connection's start, and from
-    the end of each request until the next one's headers are complete. A response still leaving
-    the write buffer postpones it: a client reading slowly is not a client that stopped sending.
+    Between requests (from the connection's start, and from the end of each request until the next
+    one's headers are complete) the header deadline runs; a response still leaving the write buffer
+    postpones it: a client reading slowly is not a client that stopped sending. While a request is
+    handled, its body must be complete by `body_deadline`: `read_body` answers 408 then, and a
+    handler that reads the body some other way has its connection closed BODY_GRACE_S later.
     """
 
     def __init__(self, inner: asyncio.Protocol, limits: ConnectionLimits) -> None:
         self._inner = inner
         self._limits = limits
         self._transport: asyncio.Transport | None = None
-        self._deadline: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._handling = False
         self._answered_408 = False
+        self.body_deadline = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -73,14 +78,14 @@ class Connection(asyncio.Protocol):
             transport.close()
             return
         self._transport = transport
-        self._arm()
+        self._between_requests()
         self._inner.connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._transport is None:
             return  # refused at the cap: aiohttp never saw it
         self._transport = None
-        self._disarm()
+        self._cancel_timer()
         self._limits.release()
         self._inner.connection_lost(exc)
 
@@ -96,50 +101,59 @@ class Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._inner.resume_writing()
 
-    def request_started(self) -> None:
+    def request_started(self, request: web.Request) -> None:
         self._handling = True
-        self._disarm()
-
-    def body_timed_out(self) -> None:
-        """The request was answered 408: the deadline that follows closes it, counted once (as body_timeout)."""
-        self._answered_408 = True
+        self._cancel_timer()
+        loop = asyncio.get_running_loop()
+        self.body_deadline = loop.time() + self._limits.body_timeout_s
+        self._timer = loop.call_at(self.body_deadline + BODY_GRACE_S, self._body_late, request.content)
 
     def request_finished(self) -> None:
         self._handling = False
         if self._transport is not None:
-            self._arm()
+            self._between_requests()
 
-    def _arm(self) -> None:
-        self._disarm()
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.call_later(self._limits.header_timeout_s, self._expire)
+    def answered_408(self) -> None:
+        """The header deadline that follows closes the connection, counted once (as body_timeout)."""
+        self._answered_408 = True
 
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+    def _between_requests(self) -> None:
+        self._cancel_timer()
+        self._timer = asyncio.get_running_loop().call_later(self._limits.header_timeout_s, self._headers_late)
 
-    def _expire(self) -> None:
-        self._deadline = None
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _headers_late(self) -> None:
+        self._timer = None
         transport = self._transport
         if transport is None or self._handling or transport.is_closing():
             return
         if transport.get_write_buffer_size():
-            self._arm()
+            self._between_requests()
             return
         if not self._answered_408:
             self._limits.metrics.connections_rejected.labels("header_timeout").inc()
         transport.close()
 
+    def _body_late(self, body: StreamReader) -> None:
+        self._timer = None
+        if self._transport is None or body.is_eof():
+            return
+        self._limits.metrics.connections_rejected.labels("body_timeout").inc()
+        self._transport.close()  # the handler is cancelled (handler_cancellation)
+
 
 @web.middleware
 async def track_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Tells the connection a request's headers are complete (its deadline stops) and when the
-    handler is done (the deadline for the next request's headers starts)."""
+    """Tells the connection a request's headers are complete (the body deadline starts) and when
+    the handler is done (the deadline for the next request's headers starts)."""
     connection = connection_of(request)
     if connection is None:
         return await handler(request)  # served without a ConnectionSite
-    connection.request_started()
+    connection.request_started(request)
     try:
         return await handler(request)
     finally:
@@ -153,15 +167,17 @@ def connection_of(request: web.Request) -> Connection | None:
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The whole request body, or 408 when it has not arrived within `body_timeout_s`."""
+    """The whole request body, or 408 when it has not arrived within `body_timeout_s` of the headers."""
     timeout_s = request.app[SETTINGS].server.body_timeout_s
+    connection = connection_of(request)
+    deadline = connection.body_deadline if connection is not None else asyncio.get_running_loop().time() + timeout_s
     try:
-        async with asyncio.timeout(timeout_s):
+        async with asyncio.timeout_at(deadline):
             return await request.read()
     except TimeoutError as exc:
         request.app[METRICS].connections_rejected.labels("body_timeout").inc()
-        if (connection := connection_of(request)) is not None:
-            connection.body_timed_out()
+        if connection is not None:
+            connection.answered_408()
         raise RequestTimeout(f"The request body did not arrive within {timeout_s:g} seconds.") from exc
 
 

@@ -55,16 +55,20 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
         return int(status_line.split()[1]), headers, await reader.readexactly(int(headers["content-length"]))
 
 
-async def closed_by_peer(reader: asyncio.StreamReader) -> bool:
-    """True once the proxy has closed the connection (EOF, or a reset for unread bytes); False if it
-    is still open after 5 s (far past every deadline these tests set)."""
+async def closed_by_peer(reader: asyncio.StreamReader) -> bytes | None:
+    """What the proxy sent before it closed the connection (b"" for nothing, or a reset for unread
+    bytes); None if it is still open after 5 s (far past every deadline these tests set)."""
     try:
         async with asyncio.timeout(5):
-            return await reader.read() == b""
+            return await reader.read()
     except ConnectionResetError:
-        return True
+        return b""
     except TimeoutError:
-        return False
+        return None
+
+
+async def closed_by_peer_silently(reader: asyncio.StreamReader) -> bool:
+    return await closed_by_peer(reader) == b""
 
 
 def sample(proxy: Proxy, name: str, **labels: str) -> float:
@@ -90,8 +94,8 @@ async def test_silent_and_half_sent_headers_are_closed_after_header_timeout(star
         async with raw(proxy) as (silent, _), raw(proxy) as (half, writer):
             writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nAuthoriz")
             await writer.drain()
-            assert await closed_by_peer(half)
-            assert await closed_by_peer(silent)
+            assert await closed_by_peer_silently(half)
+            assert await closed_by_peer_silently(silent)
         await until(lambda: sample(proxy, "guardrail_open_connections") == 0)
         assert rejected(proxy, "header_timeout") == 2
         assert proxy.upstream.received == []
@@ -106,7 +110,7 @@ async def test_keep_alive_deadline_restarts_after_each_request(start_proxy: Any)
             status, _, body = await read_response(reader)
             assert status == 200, body
         writer.write(b"GET /healthz HTTP/1.1\r\n")
-        assert await closed_by_peer(reader)
+        assert await closed_by_peer_silently(reader)
     assert rejected(proxy, "header_timeout") == 1
     assert len(proxy.upstream.chat_requests) == 3
 
@@ -156,9 +160,24 @@ async def test_half_sent_body_is_answered_408_and_closed(start_proxy: Any) -> No
             "code": "request_timeout",
         }
         assert headers["x-request-id"]
-        assert await closed_by_peer(reader)  # the rest of the body is not waited for
+        assert await closed_by_peer_silently(reader)  # the rest of the body is not waited for
     assert rejected(proxy, "body_timeout") == 1
     assert rejected(proxy, "header_timeout") == 0  # one stalled request, counted once
+    assert proxy.upstream.received == []
+
+
+async def test_half_sent_body_on_any_route_is_cut(start_proxy: Any) -> None:
+    """Passthrough reads its body its own way: the connection's body deadline still ends it (or the
+    route answers 408 itself), and nothing reaches the upstream."""
+    async with start_proxy(server=FAST) as proxy, raw(proxy) as (reader, writer):
+        writer.write(
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"model": "e'
+        )
+        rest = await closed_by_peer(reader)
+        assert rest == b"" or (rest is not None and rest.startswith(b"HTTP/1.1 408 ")), rest
+    assert rejected(proxy, "body_timeout") == 1
+    assert rejected(proxy, "header_timeout") == 0
     assert proxy.upstream.received == []
 
 
@@ -172,7 +191,7 @@ async def test_connections_past_max_are_refused_and_released(start_proxy: Any) -
                 assert (await read_response(reader))[0] == 200
             for _ in range(2):
                 async with raw(proxy) as (extra, _):
-                    assert await closed_by_peer(extra)
+                    assert await closed_by_peer_silently(extra)
             assert rejected(proxy, "max_connections") == 2
             assert sample(proxy, "guardrail_open_connections") == 3
             for reader, writer in admitted:  # the admitted ones keep working
@@ -191,7 +210,7 @@ async def test_connections_past_max_are_refused_and_released(start_proxy: Any) -
 async def test_metrics_name_the_connection_figures(start_proxy: Any) -> None:
     async with start_proxy(server=FAST) as proxy:
         async with raw(proxy) as (silent, _):
-            assert await closed_by_peer(silent)
+            assert await closed_by_peer_silently(silent)
         async with raw(proxy) as (reader, writer):
             writer.write(b"GET /metrics HTTP/1.1\r\nHost: proxy\r\n\r\n")
             _, _, text = await read_response(reader)
@@ -239,7 +258,7 @@ async def test_serve_command_runs_the_same_server(tmp_path: Path) -> None:
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n")
         assert (await read_response(reader))[0] == 200
         writer.write(b"GET /healthz HTTP/1.1\r\n")
-        assert await closed_by_peer(reader)
+        assert await closed_by_peer_silently(reader)
         writer.close()
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 30) == 0
