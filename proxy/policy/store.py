@@ -252,18 +252,11 @@ class PolicyStore:
         self.reload_interval_s = reload_interval_s
         self.current = load_policies(directory, ctx)
         self.reload_failures = 0
-        self.polls = 0
         self._seen: Fingerprint = self.current.fingerprint  # what the previous poll read
         self._rejected: Fingerprint | None = None  # the last content rejected (logged once)
 
     def check_for_changes(self) -> bool:
         """One poll: True if a new set was installed."""
-        try:
-            return self._poll()
-        finally:
-            self.polls += 1
-
-    def _poll(self) -> bool:
         try:
             snapshot = read_snapshot(self.directory)
         except ConfigError as exc:
