@@ -18,11 +18,12 @@ import structlog
 from proxy.guards.guard import ConversationGuard, Guard, GuardError, GuardLimitExceeded, ScreenText, TextGuard, Turn
 from proxy.policy.models import DEFAULT_TEXT_ROLES, CheckSettings, RouteSettings
 from proxy.protocol import ChatRequest
-from proxy.screening.collect import Reply, input_conversation, output_conversation, screen_texts
+from proxy.screening.collect import Reply, count_limits, input_conversation, output_conversation, screen_texts
 
 log = structlog.get_logger("proxy.screening")
 
 Side = Literal["input", "output"]
+OFF_LOOP_CHARS = 256 * 1024  # texts larger than this are collected for the guards off the event loop
 Decision = Literal["allow", "block", "flag"]
 
 
@@ -189,7 +190,14 @@ async def screen(
 ) -> Verdict:
     """Run the input checks (reply is None) or the output checks for one reply choice."""
     checks = route.output if reply is not None else route.input
-    plan = _plan(route, checks, guards, "output" if reply else "input", request, reply)
+    side: Side = "output" if reply else "input"
+    size = len(reply.text) if reply else count_limits(request)[0]
+    if size > OFF_LOOP_CHARS:
+        # Collecting and normalising megabytes takes a while; a thread keeps the loop serving
+        # (guard_view works in pieces, so the interpreter's lock changes hands in between).
+        plan = await asyncio.to_thread(_plan, route, checks, guards, side, request, reply)
+    else:
+        plan = _plan(route, checks, guards, side, request, reply)
     await asyncio.gather(
         *(
             _run_check(route, check, guard, result, texts, turns)
