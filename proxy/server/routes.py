@@ -12,7 +12,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.errors import BadRequest, NotFound, UnsupportedMediaType
 from proxy.server.chat import CHAT_PATH, chat_completions, relay_unchanged
+from proxy.server.connections import read_body
 from proxy.server.state import METRICS, POLICIES, READINESS, SETTINGS, TENANTS, UPSTREAMS, bind_tenant, record_of
+from proxy.streaming.buffered import hold_body
 from proxy.upstream.relay import Outgoing
 
 
@@ -61,7 +63,7 @@ async def models(request: web.Request) -> web.StreamResponse:
         forward_headers=chat_route.forward_headers if chat_route is not None and chat_route.upstream == name else (),
     )
     async with upstream.open(out) as reply:
-        body = await reply.body()
+        body = await hold_body(reply.chunks(), request.app[SETTINGS].server.max_held_bytes)
         return relay_unchanged(
             reply.status,
             body,
@@ -109,7 +111,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     target = safe_path(request)
     policy = request.app[POLICIES].current.get(tenant.policy)
     record.policy = policy.tag
-    raw = await request.read()
+    raw = await read_body(request)
     model = None
     if raw and request.content_type == "application/json":
         try:
