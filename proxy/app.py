@@ -17,7 +17,7 @@ from proxy.guards.loading import GuardSet
 from proxy.observability import Metrics
 from proxy.policy.store import GuardKind, PolicyContext, PolicyStore
 from proxy.server.auth import Tenants
-from proxy.server.connections import run_server
+from proxy.server.connections import run_server, track_requests
 from proxy.server.middleware import record_middleware
 from proxy.server.routes import add_routes
 from proxy.server.state import GUARDS, METRICS, POLICIES, READINESS, SETTINGS, TENANTS, UPSTREAMS, Readiness
@@ -43,7 +43,9 @@ def build_app(
         guards=guard_kinds(settings, guards), upstreams=frozenset(settings.upstreams), required=tenants.policies
     )
     store = PolicyStore(settings.policies_dir, ctx, reload_interval_s=settings.server.policy_reload_interval_s)
-    app = web.Application(middlewares=[record_middleware], client_max_size=settings.server.max_body_bytes)
+    app = web.Application(
+        middlewares=[track_requests, record_middleware], client_max_size=settings.server.max_body_bytes
+    )
     app[SETTINGS] = settings
     app[TENANTS] = tenants
     app[POLICIES] = store
@@ -103,7 +105,7 @@ def _start_guards(app: web.Application, guard_set: GuardSet | None) -> asyncio.T
         depth = app[METRICS].queue_depth.labels(runner.device)
         depth.set_function(lambda r=runner: float(r.queue_depth))  # type: ignore[misc]
         rejections = app[METRICS].queue_rejections
-        runner.on_reject = lambda reason, d=runner.device: rejections.labels(d, reason).inc()
+        runner.on_reject = lambda reason, d=runner.device, m=rejections: m.labels(d, reason).inc()
     return asyncio.create_task(_load(app, guard_set))
 
 

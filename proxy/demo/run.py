@@ -19,6 +19,7 @@ from proxy.app import build_app
 from proxy.demo.corpus import LG_TRIGGERS, PG_TRIGGERS
 from proxy.guards.runner import GuardRunner
 from proxy.observability import setup_logging
+from proxy.server.connections import start_server
 from proxy.server.state import READINESS
 from proxy.settings import Settings
 
@@ -88,7 +89,7 @@ async def upstream_reply(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
+async def _serve_upstream(app: web.Application) -> tuple[web.AppRunner, str]:
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -107,7 +108,7 @@ async def demo(cache_dir: Path | None, out: TextIO) -> int:
     await builder.stop()
     upstream_app = web.Application()
     upstream_app.router.add_post("/v1/chat/completions", upstream_reply)
-    upstream_runner, upstream_url = await _serve(upstream_app)
+    upstream_runner, upstream_url = await _serve_upstream(upstream_app)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "default.yaml").write_text(POLICY)
         settings = Settings.model_validate(
@@ -122,7 +123,8 @@ async def demo(cache_dir: Path | None, out: TextIO) -> int:
             }
         )
         app = build_app(settings)
-        proxy_runner, proxy_url = await _serve(app)
+        proxy_runner, site = await start_server(app, "127.0.0.1", 0)  # the server `serve` runs
+        proxy_url = f"http://127.0.0.1:{site.port}"
         try:
             while not app[READINESS].ready:
                 if app[READINESS].error:

@@ -214,8 +214,6 @@ class ConnectionSite(web.BaseSite):
 async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, ConnectionSite]:
     """Start `app` on host:port behind the connection limits of its settings; the caller cleans up
     the runner. Used by `serve` and by the tests, so both run the same server."""
-    if track_requests not in app.middlewares:
-        app.middlewares.insert(0, track_requests)  # outermost: a request runs from here to the end
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = ConnectionSite(runner, host, port, ConnectionLimits(app[SETTINGS].server, app[METRICS]))
