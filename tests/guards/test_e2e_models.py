@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
+import pytest
 from aiohttp import web
 
 from proxy.app import build_app
-from proxy.server.state import READINESS
+from proxy.guards.guard import GuardOverloaded
+from proxy.guards.prompt_guard import PromptGuard
+from proxy.server.state import GUARDS, READINESS
 from proxy.settings import Settings
 from tests.conftest import Proxy, make_settings, write_policies
 from tests.fakes.upstream import FakeUpstream
@@ -195,3 +200,42 @@ async def test_more_than_64_user_messages_are_screened(
     assert ok.choices[0].message.content == "Hello! How can I help you today?"
     assert injected.choices[0].finish_reason == "content_filter"
     assert len(upstream.chat_requests) == 1
+
+
+async def test_refused_guard_jobs_are_counted_by_reason(
+    tmp_path: Path, upstream: FakeUpstream, tiny: TinyModels
+) -> None:
+    """A full queue's refusals reach /metrics (the counter is wired to each configured runner)."""
+    write_policies(tmp_path, {"default": POLICY})
+    settings = make_settings(
+        tmp_path,
+        upstream,
+        guards={
+            "prompt_guard": {"family": "prompt-guard-2", "model": str(tiny.pg2)},
+            "llama_guard": {"family": "llama-guard-3-1b", "model": str(tiny.lg3)},
+        },
+        runner={"max_queue": 2, "max_batch": 1, "max_wait_ms": 0},
+    )
+    started, gate = threading.Event(), threading.Event()
+
+    def blocker(items: list[int]) -> list[int]:
+        started.set()
+        gate.wait(10)
+        return items
+
+    async with real_proxy_from(settings, upstream) as proxy:
+        guard = proxy.app[GUARDS]["prompt_guard"]
+        assert isinstance(guard, PromptGuard)
+        try:
+            held = [asyncio.create_task(guard.runner.submit(blocker, [0]))]
+            await asyncio.to_thread(started.wait, 10)  # the worker runs the first blocker
+            held += [asyncio.create_task(guard.runner.submit(blocker, [i])) for i in (1, 2)]
+            await asyncio.sleep(0)  # both are queued: the queue is full
+            with pytest.raises(GuardOverloaded):
+                await guard.runner.submit(blocker, [3])
+        finally:
+            gate.set()
+        await asyncio.gather(*held)
+        async with aiohttp.ClientSession() as http, http.get(proxy.url + "/metrics") as resp:
+            metrics = await resp.text()
+    assert 'guardrail_guard_queue_rejections_total{device="cpu",reason="full"} 1.0' in metrics
