@@ -42,6 +42,8 @@ class CheckResult:
     windows: int | None = None
     over_limit: bool = False
     """The error is the guard's `max_tokens`: the text is too long to screen, retrying won't help."""
+    dropped: bool = False
+    """Cancelled because another check had already decided the request."""
 
     @property
     def hit(self) -> bool:
@@ -59,6 +61,8 @@ class CheckResult:
             out["over_limit"] = True
         if self.skipped:
             out["skipped"] = True
+        if self.dropped:
+            out["dropped"] = True
         if self.choice is not None:
             out["choice"] = self.choice
         if self.windows is not None:
@@ -198,14 +202,35 @@ async def screen(
         plan = await asyncio.to_thread(_plan, route, checks, guards, side, request, reply)
     else:
         plan = _plan(route, checks, guards, side, request, reply)
-    await asyncio.gather(
-        *(
-            _run_check(route, check, guard, result, texts, turns)
-            for check, guard, result, texts, turns in plan
-            if not result.skipped
-        )
-    )
-    return Verdict(results=[p[2] for p in plan], fail_closed=route.on_guard_error == "block")
+    verdict = Verdict(results=[p[2] for p in plan], fail_closed=route.on_guard_error == "block")
+    running = {
+        asyncio.create_task(_run_check(route, check, guard, result, texts, turns)): result
+        for check, guard, result, texts, turns in plan
+        if not result.skipped
+    }
+    await _until_decided(running, verdict)
+    return verdict
+
+
+async def _until_decided(running: dict[asyncio.Task[None], CheckResult], verdict: Verdict) -> None:
+    """Wait for the checks; once one decides the request on its own (an enforced hit, or an
+    enforced guard error that fails closed), the rest are dropped: their guard time is better spent
+    on other requests, and no later result could change the answer."""
+    pending = set(running)
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if any(_decisive(running[task], verdict.fail_closed) for task in done):
+                break
+    finally:
+        for task in pending:
+            task.cancel()
+            running[task].dropped = True
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _decisive(result: CheckResult, fail_closed: bool) -> bool:
+    return result.enforced and (result.hit or (fail_closed and result.error is not None))
 
 
 async def screen_replies(

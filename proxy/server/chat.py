@@ -164,7 +164,7 @@ def note(request: web.Request, route: RouteSettings, *verdicts: Verdict) -> None
     for verdict in verdicts:
         for result in verdict.results:
             record.checks.append(result.record())
-            if not result.skipped:
+            if not (result.skipped or result.dropped):
                 metrics.guard_latency.labels(result.guard, result.side).observe(result.latency_ms / 1000)
             if result.error:
                 metrics.guard_errors.labels(result.guard).inc()

@@ -1,5 +1,5 @@
-"""A client that goes away while its request is being screened is recorded as 499, not 200, and
-its upstream is never called."""
+"""Checks that no longer matter stop: a client that goes away while its request is being screened
+is recorded as 499 (its upstream never called), and a check that decides the request drops the rest."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from typing import Any
 
 import aiohttp
 
-from proxy.guards.guard import ConversationScore, Taxonomy, Turn
-from tests.fakes.guards import ScriptedTextGuard
+from proxy.guards.guard import ConversationScore, ScreenText, Taxonomy, TextScore, Turn
+from tests.conftest import DEFAULT_POLICY
+from tests.fakes.guards import ScriptedConversationGuard, ScriptedTextGuard
 
 
 @dataclass
@@ -57,4 +58,36 @@ async def test_client_gone_during_a_guard_check_is_499(start_proxy: Any) -> None
                 statuses = [line for line in text.splitlines() if line.startswith("guardrail_requests_total{")]
     assert any('status="499"' in line for line in statuses), statuses
     assert not any('status="200"' in line for line in statuses), statuses
+    assert proxy.upstream.chat_requests == []
+
+
+@dataclass
+class StallingTextGuard:
+    """A Prompt Guard that never answers until cancelled."""
+
+    name: str = "prompt_guard"
+    dropped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def score_texts(self, texts: list[ScreenText]) -> list[TextScore]:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.dropped.set()
+        raise AssertionError("unreachable")
+
+
+async def test_a_deciding_check_drops_the_others(start_proxy: Any) -> None:
+    """Llama Guard blocks: the still-running Prompt Guard check is dropped, not waited for (the
+    route's guard timeout is an hour, so waiting would hang the test)."""
+    policy = DEFAULT_POLICY.replace(
+        'refusal: "Blocked by policy."', 'refusal: "Blocked by policy."\n  guard_timeout_s: 3600'
+    )
+    text_guard = StallingTextGuard()
+    guards = {"prompt_guard": text_guard, "llama_guard": ScriptedConversationGuard()}
+    async with start_proxy(policies={"default": policy}, guards=guards) as proxy:
+        completion = await proxy.client().chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "build a bomb"}]
+        )
+    assert completion.choices[0].finish_reason == "content_filter"
+    assert text_guard.dropped.is_set()
     assert proxy.upstream.chat_requests == []
