@@ -142,3 +142,24 @@ async def test_upstream_redirect_is_not_followed(start_proxy: Any, redirect: Red
                 assert "location" not in resp.headers
     assert redirect.collected == []
     assert statuses == [502, 502]
+
+
+async def test_request_id_goes_upstream_under_our_own_name(start_proxy: Any) -> None:
+    """The proxy's id travels as X-Guardrail-Request-ID; X-Request-ID only as the client sent it
+    (llama-cpp-python's server rejects ids that are not UUIDs)."""
+    async with start_proxy() as proxy:
+        client = proxy.client()
+        plain = await client.chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": "hi"}]
+        )
+        given = "3f2b8c1e-6c1d-4a55-9d0e-0a4f8f7b1c2d"
+        await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], extra_headers={"X-Request-ID": given}
+        )
+    first, second = (r.headers for r in proxy.upstream.chat_requests)
+    lower_first = {k.lower(): v for k, v in first.items()}
+    assert lower_first["x-guardrail-request-id"] == plain.headers["x-request-id"]
+    assert "x-request-id" not in lower_first
+    lower_second = {k.lower(): v for k, v in second.items()}
+    assert lower_second["x-request-id"] == given
+    assert lower_second["x-guardrail-request-id"] == given

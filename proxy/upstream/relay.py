@@ -22,7 +22,7 @@ from proxy.settings import UpstreamSettings
 # Client headers forwarded upstream. Everything else stays at the proxy: a header can select the
 # account, organization or project the proxy's key is billed to (OpenAI-Organization, OpenAI-Project),
 # or carry anything an upstream or a gateway in front of it acts on. A route adds names with
-# `forward_headers`. Content-Type, X-Request-ID and Authorization are set by the proxy.
+# `forward_headers`. Content-Type, X-Request-ID, X-Guardrail-Request-ID and Authorization are set by the proxy.
 FORWARDED_HEADERS = ("accept", "user-agent")
 # Never forwarded, and refused in a route's `forward_headers`: credentials, one-hop headers, and
 # headers the proxy sets itself.
@@ -144,7 +144,11 @@ class OpenAIUpstream:
         headers = {k: v for k, v in out.client_headers.items() if k.lower() in wanted}
         headers.update(self.settings.headers)
         headers["Content-Type"] = "application/json"
-        headers["X-Request-ID"] = out.request_id
+        # Our id under our own name; X-Request-ID only as the client sent it (some servers, e.g.
+        # llama-cpp-python's, reject an id that is not a UUID, so the proxy imposes no format).
+        headers["X-Guardrail-Request-ID"] = out.request_id
+        if out.client_headers.get("x-request-id") == out.request_id:
+            headers["X-Request-ID"] = out.request_id
         key = out.client_key if self.settings.forward_client_key else self._key
         if key:
             headers["Authorization"] = f"Bearer {key}"
