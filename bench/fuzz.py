@@ -181,7 +181,7 @@ async def send(port: int, data: bytes) -> int:
 
 
 async def main(args: argparse.Namespace) -> None:
-    setup_logging("error")
+    setup_logging(args.log_level)
     upstream_app = web.Application()
     upstream_app.router.add_post("/v1/chat/completions", Upstream(args.seed).handle)
     up_runner = web.AppRunner(upstream_app)
@@ -236,5 +236,6 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--log-level", default="error", help="info shows every request's record (stdout)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "guardrail-demo-models"))
     asyncio.run(main(parser.parse_args()))
