@@ -1,0 +1,232 @@
+"""Reading an upstream chat stream: SSE events parsed once as they arrive, each chunk's shape checked
+and its text added to its choice's reply so far. Both stream modes read the upstream through this
+(`buffer` holds every event until the end, `incremental` releases checked windows as it goes).
+
+What is read is capped (`max_held_bytes`, `max_stream_events`); the reply so far is kept as each
+choice's text (a few large strings per field) for the output checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.errors import UpstreamError
+from proxy.protocol import error_body
+from proxy.screening.collect import Reply
+from proxy.streaming.shape import (
+    CHOICE_FIELDS,
+    KNOWN_FIELDS,
+    content_text,
+    index_of,
+    items,
+    mapping,
+    other_text,
+    text_of,
+    token,
+    tool_calls_of,
+)
+from proxy.streaming.sse import Event, EventReader, MalformedStream
+
+_YIELD_EVERY_EVENTS = 512  # a read with many events gives the loop a turn this often
+_PIECES_PER_BLOCK = 256
+
+Added = tuple[int, int, str]
+"""What one event added to one of its choices: (choice index, characters of text, the last text piece)."""
+
+
+class ReplyTooLarge(UpstreamError):
+    """The upstream's reply is over a cap on what the proxy holds for checking."""
+
+    code = "upstream_reply_too_large"
+
+    def __init__(self, cap: str, limit: int, unit: str) -> None:
+        super().__init__(f"The upstream's reply is over the proxy's {cap} ({limit} {unit}); it was not relayed.")
+        self.cap = cap
+
+
+class UpstreamReported(UpstreamError):
+    """The upstream sent an error event: its message is text nobody screened, so the client gets
+    the proxy's own message, naming the upstream's `type` and `code` only when they are plain tokens."""
+
+    code = "upstream_stream_error"
+
+    def __init__(self, error: Any) -> None:
+        error = error if isinstance(error, dict) else {}
+        upstream_type = token(error.get("type"))
+        said = f" ({upstream_type})" if upstream_type else ""
+        super().__init__(f"The upstream reported an error mid-stream{said}.")
+        self.upstream_code = token(error.get("code"))
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.upstream_code or self.code)
+
+
+class _Text:
+    """Text that arrives in many small pieces, kept as a few large strings: a string per delta
+    would cost about 50 bytes more than its text."""
+
+    __slots__ = ("_blocks", "_pieces")
+
+    def __init__(self) -> None:
+        self._blocks: list[str] = []
+        self._pieces: list[str] = []
+
+    def add(self, text: str) -> None:
+        if text:
+            self._pieces.append(text)
+            if len(self._pieces) >= _PIECES_PER_BLOCK:
+                self._blocks.append("".join(self._pieces))
+                self._pieces.clear()
+
+    def value(self) -> str:
+        return "".join(self._blocks) + "".join(self._pieces)
+
+
+@dataclass
+class _ChoiceText:
+    reasoning: _Text = field(default_factory=_Text)
+    content: _Text = field(default_factory=_Text)
+    tools: dict[int, _Text] = field(default_factory=dict)
+    refusal: _Text = field(default_factory=_Text)
+    other: dict[str, _Text] = field(default_factory=dict)
+
+    def text(self) -> str:
+        parts = [self.reasoning.value(), self.content.value()]
+        parts += [args.value() for _, args in sorted(self.tools.items())]
+        parts.append(self.refusal.value())
+        parts += [texts.value() for texts in self.other.values()]
+        return "\n".join(p for p in parts if p)
+
+
+@dataclass
+class StreamedReply:
+    """Each choice's text so far, the reply's id / model / created, and what was read against the caps."""
+
+    max_bytes: int
+    max_events: int
+    choices: dict[int, _ChoiceText] = field(default_factory=dict)
+    received: int = 0
+    events: int = 0
+    done: bool = False
+    model: str | None = None
+    id: str | None = None
+    created: int | None = None
+    _sse: EventReader = field(default_factory=EventReader)
+
+    def replies(self) -> list[Reply]:
+        return [Reply(index, c.text()) for index, c in sorted(self.choices.items())]
+
+    def reply(self, index: int) -> Reply:
+        return Reply(index, self.choices[index].text())
+
+    def feed(self, chunk: bytes) -> Iterator[tuple[Event, list[Added]]]:
+        """The events `chunk` completes, each read (shape checked, text added) when taken; events
+        without data (comments) come too, with nothing added, and are never relayed."""
+        self.received += len(chunk)
+        if self.received > self.max_bytes:
+            raise ReplyTooLarge("max_held_bytes", self.max_bytes, "bytes")
+        return self._take(self._sse.feed(chunk))
+
+    def close(self) -> Iterator[tuple[Event, list[Added]]]:
+        """The upstream ended: the events of its last read (a broken last event raises)."""
+        return self._take(self._sse.close())
+
+    def _take(self, events: Iterator[Event]) -> Iterator[tuple[Event, list[Added]]]:
+        for event in events:
+            self.events += 1
+            if self.events > self.max_events:
+                raise ReplyTooLarge("max_stream_events", self.max_events, "events")
+            if event.data is None:
+                yield event, []  # a comment or a bare field: never relayed, but read
+            elif event.done:
+                self.done = True
+                yield event, []
+                return
+            else:
+                yield event, self._read(_parse(event.data))
+
+    def _read(self, chunk: dict[str, Any]) -> list[Added]:
+        if chunk.get("error") is not None:
+            raise UpstreamReported(chunk["error"])
+        if isinstance(chunk.get("model"), str):
+            self.model = self.model or chunk["model"]
+        if isinstance(chunk.get("id"), str):
+            self.id = self.id or chunk["id"]
+        if type(chunk.get("created")) is int:
+            self.created = self.created or chunk["created"]
+        # Where a fault is, named without the choice's position: building that name per delta is
+        # most of the cost of reading one.
+        at, in_delta = "choices[]", "choices[].delta"
+        added: list[Added] = []
+        for choice in items(chunk.get("choices"), "choices"):
+            choice = mapping(choice, at)
+            index = index_of(choice, at)
+            state = self.choices.get(index)
+            if state is None:
+                state = self.choices[index] = _ChoiceText()
+            delta = mapping(choice.get("delta"), in_delta)
+            text_of(choice, "finish_reason", at)
+            pieces: list[tuple[_Text, str]] = [
+                (state.reasoning, text_of(delta, "reasoning_content", in_delta)),
+                (state.reasoning, text_of(delta, "reasoning", in_delta)),
+                (state.content, content_text(delta.get("content"), in_delta)),
+                (state.refusal, text_of(delta, "refusal", in_delta)),
+            ]
+            for call, name, arguments in tool_calls_of(delta, in_delta, indexed=True):
+                args = state.tools.get(call)
+                if args is None:
+                    args = state.tools[call] = _Text()
+                pieces.append((args, f"{name}({arguments}" if name else arguments))
+            for key, texts in [*other_text(delta, KNOWN_FIELDS).items(), *other_text(choice, CHOICE_FIELDS).items()]:
+                other = state.other.get(key)
+                if other is None:
+                    other = state.other[key] = _Text()
+                pieces += [(other, text) for text in texts]
+            chars, last = 0, ""
+            for part, text in pieces:
+                if text:
+                    part.add(text)
+                    chars += len(text)
+                    last = text
+            added.append((index, chars, last))
+        return added
+
+
+def _parse(data: str) -> dict[str, Any]:
+    try:
+        chunk = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise MalformedStream("stream event data is not JSON") from exc
+    if not isinstance(chunk, dict):
+        raise MalformedStream("stream event is not a JSON object")
+    return chunk
+
+
+async def read_stream(
+    reply: StreamedReply, chunks: AsyncIterator[bytes], take: Callable[[Event, list[Added]], None]
+) -> None:
+    """Read the upstream stream to `[DONE]`, handing `take` each event once it was read ([DONE] last;
+    comments too, which are never relayed). An error event raises UpstreamReported, a cap
+    ReplyTooLarge, a broken stream MalformedReply."""
+    async for chunk in chunks:
+        if await _take_all(reply, reply.feed(chunk), take):
+            return
+    if await _take_all(reply, reply.close(), take):
+        return
+    raise MalformedStream("upstream stream ended before [DONE]")
+
+
+async def _take_all(
+    reply: StreamedReply, events: Iterator[tuple[Event, list[Added]]], take: Callable[[Event, list[Added]], None]
+) -> bool:
+    for n, (event, added) in enumerate(events, 1):
+        take(event, added)
+        if reply.done:
+            return True
+        if n % _YIELD_EVERY_EVENTS == 0:
+            await asyncio.sleep(0)
+    return False
