@@ -220,6 +220,8 @@ async def _until_decided(running: dict[asyncio.Task[None], CheckResult], verdict
     try:
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # a check that failed outside its own error handling fails the request
             if any(_decisive(running[task], verdict.fail_closed) for task in done):
                 break
     finally:
