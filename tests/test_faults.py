@@ -139,11 +139,22 @@ async def test_upstream_unreachable_is_502(start_proxy: Any) -> None:
 
 
 async def test_upstream_timeout_is_504(start_proxy: Any) -> None:
-    async with start_proxy() as proxy:
+    upstreams = {"default": {"total_timeout_s": 1.0}}
+    async with start_proxy(upstreams=upstreams) as proxy:
         proxy.upstream.mode, proxy.upstream.delay_s = "slow", 5.0
         with pytest.raises(openai.APIStatusError) as info:
             await proxy.client().chat.completions.create(model="m", messages=GOOD)
     assert info.value.status_code == 504
+    assert "total timeout" in info.value.message
+
+
+async def test_slow_non_streamed_reply_is_not_cut_by_the_between_chunks_timeout(start_proxy: Any) -> None:
+    """A JSON reply is silent until it is done: only the total timeout applies to it."""
+    upstreams = {"default": {"read_timeout_s": 0.2, "total_timeout_s": 10.0}}
+    async with start_proxy(upstreams=upstreams) as proxy:
+        proxy.upstream.mode, proxy.upstream.delay_s = "slow", 0.6
+        completion = await proxy.client().chat.completions.create(model="m", messages=GOOD)
+    assert completion.choices[0].message.content == proxy.upstream.replies[0]
 
 
 @pytest.mark.parametrize("mode", ["midstream_error", "abrupt", "malformed", "stall"])

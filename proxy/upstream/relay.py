@@ -1,8 +1,8 @@
 """The OpenAI-compatible relay: the client's JSON body goes upstream as is (only fields the route
 changes are replaced), the upstream's status and body come back unchanged.
 
-One aiohttp ClientSession serves every upstream. Timeouts: connect, total, and between chunks
-(`read_timeout_s`). Leaving the `open()` block early (client gone, check failed) closes the
+One aiohttp ClientSession serves every upstream. Timeouts: connect, total, and for streams between
+chunks (`read_timeout_s`). Leaving the `open()` block early (client gone, check failed) closes the
 upstream connection, so the upstream stops generating.
 """
 
@@ -135,9 +135,12 @@ class OpenAIUpstream:
         self.session = session
         self.base_url = settings.base_url.rstrip("/")
         self._key = settings.key()
-        self._timeout = aiohttp.ClientTimeout(
+        # Between chunks is a stream's silence limit only: a non-streamed reply is silent until it is
+        # done, so there only the total timeout applies (else a slow but working upstream got 504).
+        self._stream_timeout = aiohttp.ClientTimeout(
             total=settings.total_timeout_s, connect=settings.connect_timeout_s, sock_read=settings.read_timeout_s
         )
+        self._json_timeout = aiohttp.ClientTimeout(total=settings.total_timeout_s, connect=settings.connect_timeout_s)
 
     def _headers(self, out: Outgoing) -> dict[str, str]:
         wanted = {*FORWARDED_HEADERS, *out.forward_headers} - NEVER_FORWARDED
@@ -154,6 +157,14 @@ class OpenAIUpstream:
             headers["Authorization"] = f"Bearer {key}"
         return headers
 
+    def _timed_out(self, exc: BaseException) -> str:
+        """Say which timeout fired: each means what its name says."""
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return f"upstream {self.name} did not accept a connection within connect_timeout_s"
+        if isinstance(exc, aiohttp.SocketTimeoutError):
+            return f"upstream {self.name} sent nothing for read_timeout_s (read timeout)"
+        return f"upstream {self.name} did not answer within its total timeout ({self.settings.total_timeout_s:g} s)"
+
     @contextlib.asynccontextmanager
     async def open(self, out: Outgoing) -> AsyncIterator[Reply]:
         url = self.base_url + out.path
@@ -163,11 +174,11 @@ class OpenAIUpstream:
                 url,
                 data=out.body if out.method != "GET" else None,
                 headers=self._headers(out),
-                timeout=self._timeout,
+                timeout=self._stream_timeout if out.stream else self._json_timeout,
                 allow_redirects=False,  # a redirect would carry the proxy's key to wherever it points
             )
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamTimeout(f"upstream {self.name} did not answer in time") from exc
+            raise UpstreamTimeout(self._timed_out(exc)) from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream {self.name} is unreachable: {type(exc).__name__}") from exc
         if 300 <= resp.status < 400:
