@@ -26,6 +26,8 @@ class ProxyError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "server_error"
     code: ClassVar[str | None] = "internal_error"
+    should_retry: ClassVar[bool | None] = None
+    """False where a retry cannot help: sent as `x-should-retry: false`, which the openai SDKs honour."""
 
     def __init__(self, message: str, *, param: str | None = None, retry_after_s: int | None = None) -> None:
         super().__init__(message)
@@ -37,7 +39,10 @@ class ProxyError(Exception):
         return error_body(self.message, self.type, self.code, self.param)
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+        out = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+        if self.should_retry is not None:
+            out["x-should-retry"] = "true" if self.should_retry else "false"
+        return out
 
 
 class BadRequest(ProxyError):
@@ -63,6 +68,7 @@ class TooLargeToScreen(BadRequest):
     """A text is over a guard's `max_tokens` and the route fails closed: shorten the request."""
 
     code = "too_large_to_screen"
+    should_retry = False
 
 
 class Unauthorized(ProxyError):
@@ -103,6 +109,14 @@ class UpstreamError(ProxyError):
     status = 502
     type = "upstream_error"
     code = "upstream_error"
+
+
+class ReplyTooLongToScreen(UpstreamError):
+    """The upstream's reply is over a guard's `max_tokens` (the route fails closed): the same request
+    would get the same reply, so the SDK must not retry it."""
+
+    code = "upstream_reply_too_large"
+    should_retry = False
 
 
 class UpstreamTimeout(UpstreamError):

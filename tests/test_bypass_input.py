@@ -236,6 +236,7 @@ async def test_input_over_a_guard_token_cap_is_a_clear_400(start_proxy: Any) -> 
             await chat(proxy, [{"role": "user", "content": "a long text"}])
     assert info.value.code == "too_large_to_screen"
     assert "max_tokens=8192" in info.value.message
+    assert info.value.response.headers["x-should-retry"] == "false"
     assert proxy.upstream.chat_requests == []
 
 
@@ -247,6 +248,7 @@ async def test_reply_over_a_guard_token_cap_is_a_502(start_proxy: Any) -> None:
             await chat(proxy, [{"role": "user", "content": "hi"}])
     assert info.value.status_code == 502
     assert b"very long reply" not in info.value.response.content
+    assert info.value.response.headers["x-should-retry"] == "false"  # the same request gets the same reply
 
 
 async def test_over_the_cap_passes_on_a_fail_open_route(start_proxy: Any) -> None:

@@ -17,6 +17,7 @@ from proxy.errors import (
     PayloadTooLarge,
     PolicyViolation,
     ProxyError,
+    ReplyTooLongToScreen,
     TooLargeToScreen,
     UnsupportedMediaType,
     UpstreamError,
@@ -195,7 +196,7 @@ def guard_failure(verdict: Verdict) -> ProxyError:
     if failed and all(r.over_limit for r in failed):
         detail = "; ".join(sorted({r.error or "" for r in failed}))
         if any(r.side == "output" for r in failed):
-            return UpstreamError(f"The upstream's reply is too long to screen: {detail}.")
+            return ReplyTooLongToScreen(f"The upstream's reply is too long to screen: {detail}.")
         return TooLargeToScreen(f"The request is too long to screen: {detail}.", param="messages")
     names = ", ".join(dict.fromkeys(r.guard for r in failed))
     return GuardUnavailable(f"Content screening is unavailable ({names}); retry later.", retry_after_s=2)
