@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 HELD_BYTES_BUCKETS = tuple(float(4**k * 1024) for k in range(10))  # 1 KiB .. 256 MiB
+HOLDBACK_TOKEN_BUCKETS = (4.0, 8.0, 16.0, 32.0, 48.0, 64.0, 96.0, 128.0, 256.0, 512.0, 1024.0, 4096.0)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 REDACTED = "[redacted]"
 # Credentials as they appear in headers, reprs of raw header bytes, and exception texts.
@@ -171,9 +172,23 @@ class Metrics:
         )
         self.held_bytes = Histogram(
             "guardrail_held_reply_bytes",
-            "Bytes of one upstream reply held until checked, by kind (stream, json)",
+            "Bytes of one upstream reply held until checked, by kind (stream, json; incremental: most held at once)",
             ["kind"],
             buckets=HELD_BYTES_BUCKETS,
+            registry=r,
+        )
+        self.holdback_tokens = Histogram(
+            "guardrail_stream_holdback_tokens",
+            "Incremental streams: tokens (4 characters) of one released window, held back until its check passed",
+            ["route"],
+            buckets=HOLDBACK_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.holdback_seconds = Histogram(
+            "guardrail_stream_holdback_seconds",
+            "Incremental streams: how long the oldest event of one released window was held back",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.held_over_cap = Counter(

@@ -61,7 +61,15 @@ class RouteSettings(Strict):
     refusal: str = "I'm sorry, but I can't help with that."
     on_guard_error: Literal["block", "allow"] = "block"
     guard_timeout_s: float = Field(default=10.0, gt=0)
-    stream: Literal["buffer"] = "buffer"
+    stream: Literal["buffer", "incremental"] = Field(
+        default="buffer", description="buffer: hold the whole reply until checked; incremental: release checked windows"
+    )
+    release_tokens: int = Field(
+        default=48, ge=1, le=100_000, description="incremental: new tokens (4 characters each) of a choice per check"
+    )
+    release_on: Literal["sentence"] | None = Field(
+        default=None, description="incremental: also check (and release) at the end of each sentence"
+    )
     screen_system: bool = False
     unscreened_parts: tuple[str, ...] = Field(
         default=(), description="content part types (e.g. input_audio, file) let through unscreened and recorded"

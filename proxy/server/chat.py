@@ -3,7 +3,9 @@ screen the output, answer. The request's whole path reads top to bottom in `chat
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
@@ -43,6 +45,8 @@ from proxy.server.state import (
 )
 from proxy.streaming.buffered import HeldStream, ReplyTooLarge, hold, hold_body, refusal_stream, replay
 from proxy.streaming.held_response import SSE_HEADERS, HeldResponse
+from proxy.streaming.incremental import IncrementalRelay, Release
+from proxy.streaming.reply import StreamedReply
 from proxy.streaming.shape import MalformedReply, parse_completion, unrelayable_status
 from proxy.upstream.relay import Outgoing, Upstream, rewrite_body
 from proxy.upstream.relay import Reply as UpstreamReply
@@ -324,7 +328,11 @@ async def relay_stream(
             if reply.status != 200:
                 body = await read_reply(request, record, reply)
                 return relay_unchanged(reply.status, body, dict(reply.headers), headers, RELAYED_ERROR)
+            if route.stream == "incremental":
+                headers = {**headers, "x-guardrail-stream": stream_header(route)}
             async with HeldResponse(request, headers, interval) as held_response:
+                if route.stream == "incremental":
+                    return await relay_incremental(request, route, chat, held_response, reply, verdict_in, started)
                 held = await hold_stream(request, record, reply)
                 record.upstream_ms = round((time.perf_counter() - started) * 1000, 2)
                 return await finish_stream(request, route, chat, held_response, held, verdict_in)
@@ -337,20 +345,71 @@ async def relay_stream(
 
 
 async def hold_stream(request: web.Request, record: Record, reply: UpstreamReply) -> HeldStream:
-    """The whole upstream stream, held; every failure is an UpstreamError, counted once."""
-    server, metrics = request.app[SETTINGS].server, request.app[METRICS]
-    try:
+    """The whole upstream stream, held."""
+    server = request.app[SETTINGS].server
+    with reading_upstream(request, record):
         held = await hold(reply.chunks(), max_bytes=server.max_held_bytes, max_events=server.max_stream_events)
+    request.app[METRICS].held_bytes.labels("stream").observe(held.received)
+    return held
+
+
+@contextlib.contextmanager
+def reading_upstream(request: web.Request, record: Record) -> Iterator[None]:
+    """Every failure of reading an upstream stream is an UpstreamError, counted once."""
+    try:
+        yield
     except MalformedReply as exc:
         upstream_failed(request, record, "malformed_stream")
         raise UpstreamError(f"The upstream stream broke: {exc}.") from exc
     except UpstreamError as exc:
         if isinstance(exc, ReplyTooLarge):
-            metrics.held_over_cap.labels("stream", exc.cap).inc()
+            request.app[METRICS].held_over_cap.labels("stream", exc.cap).inc()
         upstream_failed(request, record, exc.code or "error")
         raise
-    metrics.held_bytes.labels("stream").observe(held.received)
-    return held
+
+
+def stream_header(route: RouteSettings) -> str:
+    """`x-guardrail-stream` of an incremental stream: the mode and its hold-back bound."""
+    sentence = "; release_on=sentence" if route.release_on == "sentence" else ""
+    return f"incremental; release_tokens={route.release_tokens}{sentence}"
+
+
+async def relay_incremental(
+    request: web.Request,
+    route: RouteSettings,
+    chat: ChatRequest,
+    held_response: HeldResponse,
+    reply: UpstreamReply,
+    verdict_in: Verdict,
+    started: float,
+) -> web.StreamResponse:
+    """`stream: incremental`: upstream events go out as the windows of text they carry pass their
+    checks; each window's scores are recorded with its number."""
+    record, server, metrics = record_of(request), request.app[SETTINGS].server, request.app[METRICS]
+
+    async def check(window: int, replies: list[Reply]) -> tuple[set[int], ProxyError | None]:
+        first = len(record.checks)
+        outcome = await decide_output(request, route, chat, replies, verdict_in)
+        for entry in record.checks[first:]:
+            entry["window"] = window
+        return outcome
+
+    def observe(tokens: int, seconds: float) -> None:
+        metrics.holdback_tokens.labels(route.name).observe(tokens)
+        metrics.holdback_seconds.labels(route.name).observe(seconds)
+
+    streamed = StreamedReply(max_bytes=server.max_held_bytes, max_events=server.max_stream_events)
+    release = Release(route.release_tokens, route.release_on == "sentence", route.refusal, chat.n or 1)
+    relay = IncrementalRelay(streamed, held_response, check, release, observe)
+    with reading_upstream(request, record):
+        closing = await relay.run(reply.chunks())
+    record.upstream_ms = round((time.perf_counter() - started) * 1000, 2)
+    metrics.held_bytes.labels("incremental").observe(relay.peak_held_bytes)
+    if server.log_content:
+        record.completion = [r.text for r in streamed.replies()]
+    if isinstance(closing, ProxyError):
+        return await held_response.send_error(closing)
+    return await held_response.send(closing, record.decision)
 
 
 async def finish_stream(

@@ -1,6 +1,7 @@
-"""The client side of a buffered stream: headers wait for the decision, unless the first keep-alive
-is due first; then they go out with `x-guardrail-decision: deferred` and SSE comments keep the
-connection alive until the checked reply (or the refusal, or a final error event) is sent.
+"""The client side of a held stream: headers wait for the decision, unless the first keep-alive (or,
+in incremental mode, the first checked event) is due first; then they go out with
+`x-guardrail-decision: deferred` and SSE comments keep the connection alive until the checked reply
+(or the refusal, or a final error event) is sent.
 
 Once its headers are out, this object is the only writer of the response: any failure, inside its
 block or later in the handler (the middleware hands it over), becomes one final error event and
@@ -92,6 +93,13 @@ class HeldResponse:
         async with self._writing:
             task.cancel()
         await asyncio.wait([task])  # unlike awaiting the task, never swallows our own cancellation
+
+    async def write(self, data: bytes) -> None:
+        """Send checked events before the end (incremental streams): the headers, if still held, leave
+        with `x-guardrail-decision: deferred`; keep-alives go on between writes."""
+        async with self._writing:
+            response = await self._prepare("deferred")
+            await response.write(data)
 
     async def send(self, chunks: Iterable[bytes], decision: str) -> web.StreamResponse:
         await self.stop_keepalive()
