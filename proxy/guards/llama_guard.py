@@ -12,6 +12,17 @@ encodes (past `max_tokens` the check fails before any forward pass); a prompt of
 `step_tokens` is then scored in a batch with other requests' prompts; a longer one is prefilled
 alone, `step_tokens` per bulk job (see runner), into its own KV cache (same scores as one pass),
 and a cancelled check submits no further chunk. Prompts with images always take the one-pass path.
+
+Two caches keep a turn's cost proportional to its new tokens (see prefix_cache.py, verdict_cache.py).
+The verdict cache answers an exact prompt (same token ids and taxonomy) already scored, from the
+encoding job; an entry read without categories does not serve a check that needs them. The prefix
+cache supplies the key/values of a prompt's longest cached prefix: only the rest is computed, and
+the step decision counts only those tokens. A batch mixes prompts with different cached lengths in
+one forward pass: each row's cached keys/values are right-aligned in a zero-padded past of the
+longest cached length, its new tokens left-padded after it, the attention mask covers exactly its
+cached and new tokens, and its position ids continue from its cached length (masked slots get zero
+weight, so the holes change nothing). The category continuation starts from the scored prompt's
+own keys/values. Prompts with images bypass both caches: their ids name tiles, not pixels.
 """
 
 from __future__ import annotations
@@ -20,10 +31,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.guards.guard import ConversationScore, GuardError, GuardLimitExceeded, Taxonomy, Turn, tokens_at_least
-from proxy.guards.hub import explain, load_kwargs, pick_dtype, quiet_transformers
+from proxy.guards.hub import explain, load_kwargs, pick_dtype, quantize, quiet_transformers
 from proxy.guards.llama_guard_prompt import FAMILIES, Family, build, encode_hf, read_categories, read_verdict
-from proxy.guards.runner import GuardRunner
+from proxy.guards.prefix_cache import KV, Block, PrefixCache
+from proxy.guards.runner import GuardRunner, current_tenant
+from proxy.guards.verdict_cache import VerdictCache, digest_ids
 from proxy.settings import GuardSettings
+
+Remembered = tuple[ConversationScore, bool]
+"""A verdict cache entry: the score, and whether its categories were read."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +47,7 @@ class _Item:
     turns: tuple[Turn, ...]
     taxonomy: Taxonomy
     categories_from: float
+    tenant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +57,8 @@ class _Prompt:
     item: _Item
     ids: list[int]
     pixels: list[Any]
+    cached: int = 0
+    """Tokens the prefix cache held when the prompt was encoded (it may evict them before the forward)."""
 
 
 @dataclass(eq=False)
@@ -49,12 +68,20 @@ class _Prefill:
     prompt: _Prompt
     done: int = 0
     cache: Any = field(default=None, repr=False)
+    hit: int = 0
 
 
 class _Model:
     """Tokenizer, model and the family's token ids; used only in the runner's thread."""
 
-    def __init__(self, settings: GuardSettings, family: Family, name: str) -> None:
+    def __init__(
+        self,
+        settings: GuardSettings,
+        family: Family,
+        name: str,
+        prefix: PrefixCache,
+        verdicts: VerdictCache[Remembered],
+    ) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -72,12 +99,14 @@ class _Model:
                 model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=dtype, **kwargs)
         except Exception as exc:
             raise explain(name, settings.model, exc) from exc
-        self.model = model.to(settings.device).eval()
+        self.model = quantize(model.to(settings.device).eval(), settings.quantize)
         self.device = settings.device
         self.name = name
         self.family = family
         self.settings = settings
         self.torch = torch
+        self.prefix = prefix
+        self.verdicts = verdicts
         vocab = self.tokenizer.get_vocab()
         self.safe_ids = self._verdict_ids(vocab, "safe")
         self.unsafe_ids = self._verdict_ids(vocab, "unsafe")
@@ -136,11 +165,11 @@ class _Model:
             probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1)
             return probs[:, self.safe_ids].sum(-1).tolist(), probs[:, self.unsafe_ids].sum(-1).tolist()
 
-    def prepare(self, items: list[_Item]) -> list[_Prompt | Exception]:
+    def prepare(self, items: list[_Item]) -> list[_Prompt | ConversationScore | Exception]:
         """Each item's prompt, or its own error (text the tokenizer cannot encode, over max_tokens)."""
         return [self._prepare_one(item) for item in items]
 
-    def _prepare_one(self, item: _Item) -> _Prompt | Exception:
+    def _prepare_one(self, item: _Item) -> _Prompt | ConversationScore | Exception:
         limit = self.settings.token_limit
         pixels: list[Any] = []
         try:
@@ -154,12 +183,60 @@ class _Model:
             return GuardError(f"guard {self.name!r}: the conversation cannot be encoded ({type(exc).__name__})")
         if len(ids) > limit:
             return GuardLimitExceeded("the conversation", len(ids), limit, self.name)
-        return _Prompt(item, ids, pixels)
+        if pixels:
+            return _Prompt(item, ids, pixels)
+        found = self._recall(item, ids)
+        if found is not None:
+            return found
+        cached = self.prefix.peek(item.tenant, ids) if self.prefix.enabled else 0
+        return _Prompt(item, ids, pixels, cached)
+
+    @staticmethod
+    def _verdict_key(item: _Item, ids: list[int]) -> tuple[Any, ...]:
+        return (item.tenant, digest_ids(ids), item.taxonomy)
+
+    def _recall(self, item: _Item, ids: list[int]) -> ConversationScore | None:
+        """A score already computed for this exact prompt, if it serves this check's categories_from."""
+
+        def serves(entry: Remembered) -> bool:
+            return entry[1] or max(entry[0].score, entry[0].score_binary) < item.categories_from
+
+        found = self.verdicts.get(self._verdict_key(item, ids), serves)
+        if found is None:
+            return None
+        score = found[0]
+        if max(score.score, score.score_binary) < item.categories_from:
+            return ConversationScore(score.score, score.score_binary, score.mass)
+        return score
+
+    def _remember(self, prompt: _Prompt, score: ConversationScore | Exception) -> None:
+        if prompt.pixels or not isinstance(score, ConversationScore) or not self.verdicts.enabled:
+            return
+        key = self._verdict_key(prompt.item, prompt.ids)
+        read = max(score.score, score.score_binary) >= prompt.item.categories_from
+        known = self.verdicts.peek(key)
+        if read or known is None or not known[1]:  # never replace an entry that has categories
+            self.verdicts.put(key, (score, read))
 
     def _count(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
     def score(self, prompts: list[_Prompt]) -> list[ConversationScore | Exception]:
+        """Score a batch: prompts with images (or every prompt, with no prefix cache) in one pass
+        each `forward_batch`, the others through the prefix cache."""
+        results: list[ConversationScore | Exception | None] = [None] * len(prompts)
+        plain = [i for i, p in enumerate(prompts) if p.pixels or not self.prefix.enabled]
+        cached = [i for i, p in enumerate(prompts) if not (p.pixels or not self.prefix.enabled)]
+        for rows, fn in ((plain, self._score_plain), (cached, self._score_cached)):
+            if rows:
+                for row, result in zip(rows, fn([prompts[r] for r in rows]), strict=True):
+                    results[row] = result
+        done = [r for r in results if r is not None]
+        for prompt, result in zip(prompts, done, strict=True):
+            self._remember(prompt, result)
+        return done
+
+    def _score_plain(self, prompts: list[_Prompt]) -> list[ConversationScore | Exception]:
         items = [p.item for p in prompts]
         sequences = [p.ids for p in prompts]
         pixels = [p.pixels for p in prompts]
@@ -187,11 +264,103 @@ class _Model:
             self._add_categories(items, sequences, pixels, results, want)
         return results
 
+    def _score_cached(self, prompts: list[_Prompt]) -> list[ConversationScore | Exception]:
+        results: list[ConversationScore | Exception] = []
+        step = self.settings.forward_batch
+        for start in range(0, len(prompts), step):
+            results += self._forward_cached(prompts[start : start + step])
+        self.prefix.trim()  # after the whole batch, so no row's prefix goes while another row uses it
+        return results
+
+    def _forward_cached(self, prompts: list[_Prompt]) -> list[ConversationScore | Exception]:
+        """One forward pass over each prompt's uncached tokens, after its cached prefix (layout
+        in the module docstring); the new full blocks join the cache."""
+        torch = self.torch
+        paths = [self.prefix.lookup(p.item.tenant, p.ids) for p in prompts]
+        hits = [len(path) * self.prefix.block_tokens for path in paths]
+        news = [len(p.ids) - hit for p, hit in zip(prompts, hits, strict=True)]
+        past_len, new_len = max(hits), max(news)
+        ids = torch.full((len(prompts), new_len), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), past_len + new_len), dtype=torch.long)
+        positions = torch.zeros((len(prompts), new_len), dtype=torch.long)
+        for row, (prompt, hit, new) in enumerate(zip(prompts, hits, news, strict=True)):
+            ids[row, new_len - new :] = torch.tensor(prompt.ids[hit:])
+            mask[row, past_len - hit : past_len] = 1
+            mask[row, past_len + new_len - new :] = 1
+            positions[row, new_len - new :] = torch.arange(hit, len(prompt.ids))
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device),
+                past_key_values=self._past(paths, hits, past_len),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1)
+            p_safe, p_unsafe = probs[:, self.safe_ids].sum(-1).tolist(), probs[:, self.unsafe_ids].sum(-1).tolist()
+        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        results: list[ConversationScore | Exception] = []
+        for row, (prompt, hit, new) in enumerate(zip(prompts, hits, news, strict=True)):
+            fresh = [(k[row, :, -new:], v[row, :, -new:]) for k, v in layers]
+            self.prefix.insert(prompt.item.tenant, prompt.ids, hit, fresh)
+            self.prefix.count(hit, new)
+            try:
+                unsafe, binary, mass = read_verdict(self.family, p_safe[row], p_unsafe[row], self.settings.min_mass)
+            except GuardError as exc:
+                results.append(exc)
+                continue
+            if max(unsafe, binary) < prompt.item.categories_from:
+                results.append(ConversationScore(unsafe, binary, mass))
+                continue
+            cut = slice(past_len - hit, past_len)
+            own = [
+                (torch.cat([k[row, :, cut], fk], 1), torch.cat([v[row, :, cut], fv], 1))
+                for (k, v), (fk, fv) in zip(layers, fresh, strict=True)
+            ]
+            state = _Prefill(prompt, len(prompt.ids), self._cache_of(own))
+            kept, all_excluded = read_categories(self._continue_cached(state), prompt.item.taxonomy)
+            results.append(ConversationScore(unsafe, binary, mass, categories=kept, all_excluded=all_excluded))
+        return results
+
+    def _past(self, paths: list[list[Block]], hits: list[int], width: int) -> Any:
+        """The batch's cached prefixes, each right-aligned in `width` slots (zeros before it)."""
+        from transformers import DynamicCache
+
+        if width == 0:
+            return DynamicCache()
+        torch = self.torch
+        rows = [PrefixCache.gather(path) if path else None for path in paths]
+        sample = next(kv for kv in rows if kv is not None)
+        layers = []
+        for layer, (k0, _) in enumerate(sample):
+            keys = torch.zeros((len(paths), k0.shape[0], width, k0.shape[2]), dtype=k0.dtype, device=k0.device)
+            values = torch.zeros_like(keys)
+            for row, (kv, hit) in enumerate(zip(rows, hits, strict=True)):
+                if kv is not None:
+                    keys[row, :, width - hit :] = kv[layer][0]
+                    values[row, :, width - hit :] = kv[layer][1]
+            layers.append((keys, values))
+        return DynamicCache(layers)
+
+    @staticmethod
+    def _cache_of(kv: KV) -> Any:
+        """A one-sequence DynamicCache holding copies of `kv` (a forward pass then extends the copies)."""
+        from transformers import DynamicCache
+
+        return DynamicCache([(k.unsqueeze(0), v.unsqueeze(0)) for k, v in kv])
+
     def prefill(self, state: _Prefill) -> ConversationScore | None:
-        """Feed the next `step_tokens` of a long prompt into its cache; after the last
-        chunk, its score (and categories, read greedily from the same cache)."""
+        """Feed the next `step_tokens` of a long prompt into its cache (starting after its cached
+        prefix); after the last chunk, its score (and categories, read greedily from the same cache)."""
         torch = self.torch
         ids = state.prompt.ids
+        tenant = state.prompt.item.tenant
+        if state.cache is None and self.prefix.enabled and not state.prompt.pixels:
+            path = self.prefix.lookup(tenant, ids)
+            if path:
+                state.cache, state.done = self._cache_of(PrefixCache.gather(path)), len(path) * self.prefix.block_tokens
+                state.hit = state.done
         end = min(state.done + self.settings.step_tokens, len(ids))
         with torch.inference_mode():
             out = self.model(
@@ -204,14 +373,22 @@ class _Model:
         state.cache, state.done = out.past_key_values, end
         if end < len(ids):
             return None
+        if self.prefix.enabled and not state.prompt.pixels:
+            fresh = [(layer.keys[0, :, state.hit :], layer.values[0, :, state.hit :]) for layer in state.cache.layers]
+            self.prefix.insert(tenant, ids, state.hit, fresh)
+            self.prefix.count(state.hit, len(ids) - state.hit)
+            self.prefix.trim()
         probs = torch.softmax(out.logits[0, -1, :].float(), dim=-1)
         p_safe, p_unsafe = float(probs[self.safe_ids].sum()), float(probs[self.unsafe_ids].sum())
         item = state.prompt.item
         unsafe, binary, mass = read_verdict(self.family, p_safe, p_unsafe, self.settings.min_mass)
         if max(unsafe, binary) < item.categories_from:
-            return ConversationScore(unsafe, binary, mass)
-        kept, all_excluded = read_categories(self._continue_cached(state), item.taxonomy)
-        return ConversationScore(unsafe, binary, mass, categories=kept, all_excluded=all_excluded)
+            result = ConversationScore(unsafe, binary, mass)
+        else:
+            kept, all_excluded = read_categories(self._continue_cached(state), item.taxonomy)
+            result = ConversationScore(unsafe, binary, mass, categories=kept, all_excluded=all_excluded)
+        self._remember(state.prompt, result)
+        return result
 
     def _continue_cached(self, state: _Prefill) -> str:
         """The greedy continuation after a forced `unsafe`, from a prefilled cache (as `_continue`)."""
@@ -280,12 +457,16 @@ class LlamaGuard:
         self.settings = settings
         self.family = FAMILIES[settings.family]
         self.runner = runner
+        self.prefix_cache = PrefixCache(int(settings.prefix_cache_mb * 2**20))
+        self.verdicts: VerdictCache[Remembered] = VerdictCache(settings.verdict_cache_entries)
         self._model: _Model | None = None
 
     async def load(self) -> None:
-        self._model = await self.runner.call(lambda: _Model(self.settings, self.family, self.name))
+        self._model = await self.runner.call(
+            lambda: _Model(self.settings, self.family, self.name, self.prefix_cache, self.verdicts)
+        )
 
-    def _prepare(self, items: list[_Item]) -> list[_Prompt | Exception]:
+    def _prepare(self, items: list[_Item]) -> list[_Prompt | ConversationScore | Exception]:
         assert self._model is not None
         return self._model.prepare(items)
 
@@ -303,11 +484,13 @@ class LlamaGuard:
         if self._model is None:
             raise GuardError(f"guard {self.name!r} is not loaded")
         # Text-only families never see images (their prompts have no place for one); LG4 gets the tiles.
-        item = _Item(tuple(turns), taxonomy, categories_from)
+        item = _Item(tuple(turns), taxonomy, categories_from, current_tenant.get())
         (prompt,) = await self.runner.submit(self._prepare, [item], key=(id(self), "prepare"))
         if isinstance(prompt, Exception):
             raise prompt
-        if len(prompt.ids) <= self.settings.step_tokens or prompt.pixels:
+        if isinstance(prompt, ConversationScore):
+            return prompt  # the verdict cache's
+        if len(prompt.ids) - prompt.cached <= self.settings.step_tokens or prompt.pixels:
             (result,) = await self.runner.submit(self._score, [prompt], key=(id(self), "score"))
             if isinstance(result, Exception):
                 raise result

@@ -1,0 +1,148 @@
+"""The prefix KV cache of a Llama Guard model: key/value tensors of prompt prefixes already computed,
+so a check pays only for its new tokens. Used only in the guard runner's thread (llama_guard.py).
+
+A radix tree of fixed blocks of `BLOCK_TOKENS` token ids, as vLLM's automatic prefix caching: each
+node holds every layer's keys and values for its block, its parent the block before. A prompt's
+longest cached block-aligned prefix is found by walking the tree; the rest is computed at positions
+that continue from the cached length, and its full blocks are added. The policy header is thus
+computed once per (tenant, taxonomy), the output check reuses the input check's header and
+conversation, and a new turn reuses the turns before it.
+
+Bounded by bytes: past `max_bytes` the least recently used blocks go first. A path is marked used
+from its deepest block up to the root, so a block is never older than its children: the least
+recently used block is always a leaf and eviction never strands a subtree. Blocks are
+private copies: a forward pass only ever reads them through a fresh concatenation.
+Trees are per namespace (the tenant), so one tenant cannot time another's cached conversations.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+BLOCK_TOKENS = 16
+
+KV = list[tuple[Any, Any]]
+"""Per layer: (keys, values), each [kv_heads, tokens, head_dim] (one sequence, no batch axis)."""
+
+
+class Block:
+    __slots__ = ("children", "ids", "kv", "nbytes", "parent")
+
+    def __init__(self, ids: tuple[int, ...], parent: Block | None, kv: KV) -> None:
+        self.ids = ids
+        self.parent = parent
+        self.kv = kv
+        self.children: dict[tuple[int, ...], Block] = {}
+        self.nbytes = sum(k.nbytes + v.nbytes for k, v in kv)
+
+
+class PrefixCache:
+    def __init__(self, max_bytes: int, block_tokens: int = BLOCK_TOKENS) -> None:
+        self.max_bytes = max_bytes
+        self.block_tokens = block_tokens
+        self.bytes_held = 0
+        self.hit_tokens = 0
+        self.computed_tokens = 0
+        self.evictions = 0
+        self.observe: Callable[[str, int], None] | None = None
+        """Called in the runner's thread with ("hit" | "computed" | "evicted", count)."""
+        self._roots: dict[Hashable, Block] = {}
+        self._lru: collections.OrderedDict[Block, None] = collections.OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    @property
+    def blocks(self) -> int:
+        return len(self._lru)
+
+    def _walk(self, namespace: Hashable, ids: Sequence[int]) -> list[Block]:
+        # The last token is always computed: its logits are the verdict.
+        usable = (len(ids) - 1) // self.block_tokens * self.block_tokens
+        node = self._roots.get(namespace)
+        path: list[Block] = []
+        for start in range(0, usable, self.block_tokens):
+            child = node.children.get(tuple(ids[start : start + self.block_tokens])) if node else None
+            if child is None:
+                break
+            path.append(child)
+            node = child
+        return path
+
+    def peek(self, namespace: Hashable, ids: Sequence[int]) -> int:
+        """Tokens of `ids` a lookup would find now (no effect on recency or counters)."""
+        return len(self._walk(namespace, ids)) * self.block_tokens
+
+    def lookup(self, namespace: Hashable, ids: Sequence[int]) -> list[Block]:
+        """The blocks of the longest cached prefix (at most len(ids) - 1 tokens), marked used."""
+        path = self._walk(namespace, ids)
+        self._touch(path)
+        return path
+
+    def _touch(self, path: list[Block]) -> None:
+        for block in reversed(path):
+            self._lru[block] = None
+            self._lru.move_to_end(block)
+
+    def count(self, hit: int, computed: int) -> None:
+        self.hit_tokens += hit
+        self.computed_tokens += computed
+        if self.observe is not None:
+            self.observe("hit", hit)
+            self.observe("computed", computed)
+
+    def insert(self, namespace: Hashable, ids: Sequence[int], start: int, kv: KV) -> None:
+        """Add the full blocks of `ids` that `kv` covers: positions start .. start + its length.
+        Blocks already there are kept (and touched); nothing is evicted here (see `trim`)."""
+        if not self.enabled:
+            return
+        size = self.block_tokens
+        end = start + (kv[0][0].shape[-2] if kv else 0)
+        node = self._roots.get(namespace)
+        if node is None:
+            node = self._roots[namespace] = Block((), None, [])
+        path: list[Block] = []
+        for first in range(0, min(end, len(ids)) // size * size, size):
+            key = tuple(ids[first : first + size])
+            child = node.children.get(key)
+            if child is None:
+                if first < start:
+                    break  # a block before the computed part is gone: nothing to hang new ones on
+                lo = first - start
+                # clone: a block is its own storage, never a view into a batch's tensors
+                part = [(k[:, lo : lo + size].clone(), v[:, lo : lo + size].clone()) for k, v in kv]
+                child = node.children[key] = Block(key, node, part)
+                self.bytes_held += child.nbytes
+            path.append(child)
+            node = child
+        self._touch(path)
+
+    def trim(self) -> None:
+        """Evict least recently used blocks (always leaves) until the cache is within its bound."""
+        evicted = 0
+        while self.bytes_held > self.max_bytes and self._lru:
+            block, _ = self._lru.popitem(last=False)
+            parent = block.parent
+            assert parent is not None and not block.children
+            del parent.children[block.ids]
+            self.bytes_held -= block.nbytes
+            evicted += 1
+            if parent.parent is None and not parent.children:
+                self._roots = {ns: root for ns, root in self._roots.items() if root is not parent}
+        self.evictions += evicted
+        if evicted and self.observe is not None:
+            self.observe("evicted", evicted)
+
+    @staticmethod
+    def gather(path: list[Block]) -> KV:
+        """The cached prefix as one (keys, values) pair per layer, [kv_heads, tokens, head_dim]."""
+        import torch
+
+        layers = len(path[0].kv)
+        return [
+            (torch.cat([b.kv[i][0] for b in path], dim=1), torch.cat([b.kv[i][1] for b in path], dim=1))
+            for i in range(layers)
+        ]
