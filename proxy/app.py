@@ -106,7 +106,34 @@ def _start_guards(app: web.Application, guard_set: GuardSet | None) -> asyncio.T
         depth.set_function(lambda r=runner: float(r.queue_depth))  # type: ignore[misc]
         rejections = app[METRICS].queue_rejections
         runner.on_reject = lambda reason, d=runner.device, m=rejections: m.labels(d, reason).inc()
+    for name, guard in guard_set.guards.items():
+        _watch_caches(app[METRICS], name, guard)
     return asyncio.create_task(_load(app, guard_set))
+
+
+def _watch_caches(metrics: Metrics, name: str, guard: Guard) -> None:
+    """A guard's prefix and verdict caches report to /metrics (counted in the runner's thread)."""
+    verdicts = getattr(guard, "verdicts", None)
+    if verdicts is not None:
+        lookups = metrics.verdict_cache
+
+        def looked_up(result: str) -> None:
+            lookups.labels(name, result).inc()
+
+        verdicts.observe = looked_up
+    prefix = getattr(guard, "prefix_cache", None)
+    if prefix is None:
+        return
+    metrics.prefix_cache_bytes.labels(name).set_function(lambda: float(prefix.bytes_held))
+    tokens, evictions = metrics.prefix_cache_tokens, metrics.prefix_cache_evictions.labels(name)
+
+    def observe(kind: str, count: int) -> None:
+        if kind == "evicted":
+            evictions.inc(count)
+        else:
+            tokens.labels(name, kind).inc(count)
+
+    prefix.observe = observe
 
 
 async def _load(app: web.Application, guard_set: GuardSet) -> None:

@@ -213,6 +213,23 @@ class Metrics:
             ["device", "reason"],
             registry=r,
         )
+        self.prefix_cache_tokens = Counter(
+            "guardrail_prefix_cache_tokens",
+            "Llama Guard prompt tokens read from the prefix KV cache (hit) or computed (computed)",
+            ["guard", "kind"],
+            registry=r,
+        )
+        self.prefix_cache_bytes = Gauge(
+            "guardrail_prefix_cache_bytes", "Bytes of keys/values held by a guard's prefix cache", ["guard"], registry=r
+        )
+        self.prefix_cache_evictions = Counter(
+            "guardrail_prefix_cache_evictions", "Prefix cache blocks evicted to stay within prefix_cache_mb", ["guard"],
+            registry=r,
+        )
+        self.verdict_cache = Counter(
+            "guardrail_verdict_cache_lookups", "Verdict cache lookups by result (hit, miss)", ["guard", "result"],
+            registry=r,
+        )
         self.policy_reload_failures = Gauge(
             "guardrail_policy_reload_failures", "Policy reloads rejected since start", registry=r
         )

@@ -119,6 +119,12 @@ class GuardSettings(Strict):
         description="a longer check runs as steps of about this many tokens that other checks interleave with "
         "(Llama Guard prefill chunks; Prompt Guard windows, at least one per step)",
     )
+    verdict_cache_entries: int = Field(
+        default=4096, ge=0, description="scores kept per guard for inputs seen before (LRU); 0 disables"
+    )
+    prefix_cache_mb: float = Field(
+        default=512, ge=0, description="Llama Guard: MiB of cached prompt-prefix key/values (LRU); 0 disables"
+    )
     # Prompt Guard
     window_tokens: int = Field(default=512, ge=8, le=512)
     window_overlap_tokens: int = Field(default=128, ge=0)

@@ -18,7 +18,8 @@ from typing import Any
 
 from proxy.guards.guard import GuardError, GuardLimitExceeded, ScreenText, TextScore, tokens_at_least
 from proxy.guards.hub import explain, load_kwargs, pick_dtype, quiet_transformers
-from proxy.guards.runner import GuardRunner
+from proxy.guards.runner import GuardRunner, current_tenant
+from proxy.guards.verdict_cache import VerdictCache, digest_text
 from proxy.settings import GuardSettings
 
 
@@ -168,6 +169,7 @@ class PromptGuard:
         self.name = name
         self.settings = settings
         self.runner = runner
+        self.verdicts: VerdictCache[TextScore] = VerdictCache(settings.verdict_cache_entries)
         self._model: _Model | None = None
 
     async def load(self) -> None:
@@ -185,6 +187,21 @@ class PromptGuard:
         return max(1, min(self.settings.forward_batch, self.settings.step_tokens // self.settings.window_tokens))
 
     async def score_texts(self, texts: list[ScreenText]) -> list[TextScore]:
+        """Texts scored before (same tenant, text and source) come from the verdict cache; the rest
+        are scored together and remembered."""
+        if self._model is None:
+            raise GuardError(f"guard {self.name!r} is not loaded")
+        tenant = current_tenant.get()
+        keys = [(tenant, digest_text(t.text), t.source) for t in texts]
+        known = [self.verdicts.get(key) for key in keys]
+        missing = [n for n, score in enumerate(known) if score is None]
+        fresh = await self._score_uncached([texts[n] for n in missing])
+        for n, score in zip(missing, fresh, strict=True):
+            self.verdicts.put(keys[n], score)
+            known[n] = score
+        return [score for score in known if score is not None]
+
+    async def _score_uncached(self, texts: list[ScreenText]) -> list[TextScore]:
         model = self._model
         if model is None:
             raise GuardError(f"guard {self.name!r} is not loaded")
