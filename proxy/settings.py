@@ -104,6 +104,10 @@ class GuardSettings(Strict):
     revision: str | None = None
     device: str = "cpu"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantize: Literal["none", "int8"] = Field(
+        default="none",
+        description="int8: dynamic int8 linear layers (cpu, transformers backend); faster, scores shift slightly",
+    )
     forward_batch: int = Field(
         default=8, ge=1, description="most sequences (windows, prompts) in one forward pass; more is memory-bound"
     )
@@ -147,6 +151,8 @@ class GuardSettings(Strict):
             raise ValueError("base_url is required for backend: openai")
         if self.backend != "transformers" and self.is_prompt_guard:
             raise ValueError("Prompt Guard runs on the transformers backend only")
+        if self.quantize == "int8" and (self.backend != "transformers" or not self.device.startswith("cpu")):
+            raise ValueError("quantize: int8 runs on the transformers backend on device cpu only")
         if self.window_overlap_tokens >= self.window_tokens - 2:
             raise ValueError("window_overlap_tokens must be smaller than window_tokens - 2")
         return self
@@ -165,7 +171,11 @@ class GuardSettings(Strict):
 
 class RunnerSettings(Strict):
     max_batch: int = Field(default=16, ge=1)
-    max_wait_ms: float = Field(default=2.0, ge=0)
+    max_wait_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="how long a job waits for others to share its call; jobs queued meanwhile merge anyway",
+    )
     max_queue: int = Field(default=256, ge=1)
     tenant_queue_share: float = Field(
         default=0.5, gt=0, le=1, description="fraction of max_queue one tenant's jobs may hold; past it 503"

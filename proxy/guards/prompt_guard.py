@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.guards.guard import GuardError, GuardLimitExceeded, ScreenText, TextScore, tokens_at_least
-from proxy.guards.hub import explain, load_kwargs, pick_dtype, quiet_transformers
+from proxy.guards.hub import explain, load_kwargs, pick_dtype, quantize, quiet_transformers
 from proxy.guards.runner import GuardRunner, current_tenant
 from proxy.guards.verdict_cache import VerdictCache, digest_text
 from proxy.settings import GuardSettings
@@ -75,6 +75,8 @@ class _Model:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from proxy.guards.deberta import cache_relative_positions
+
         quiet_transformers()
         kwargs = load_kwargs(settings.revision)
         try:
@@ -84,7 +86,8 @@ class _Model:
             )
         except Exception as exc:
             raise explain(name, settings.model, exc) from exc
-        self.model = model.to(settings.device).eval()
+        self.model = quantize(model.to(settings.device).eval(), settings.quantize)
+        cache_relative_positions(self.model)
         self.torch = torch
         self.settings = settings
         self.name = name

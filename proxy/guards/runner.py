@@ -2,7 +2,9 @@
 concurrent requests. The event loop only enqueues jobs and awaits futures.
 
 A job is a list of items for one batch function; jobs with the same key are merged into one call,
-up to `max_batch` items, waiting at most `max_wait_ms` for company. Jobs run in arrival order, except
+up to `max_batch` items, waiting at most `max_wait_ms` for company (default 0: jobs that arrive while
+the worker computes are merged into its next call anyway, and on an idle runner a lone job would
+only wait). Jobs run in arrival order, except
 that long work is submitted by its owner as a sequence of `bulk` steps (Prompt Guard windows in
 pieces of `forward_batch`, Llama Guard prefill in chunks): a bulk step runs only when no ordinary job
 waits, or once it has waited `BULK_MAX_WAIT_S` (so long checks still progress under load). A short
@@ -59,7 +61,7 @@ class GuardRunner:
         device: str,
         *,
         max_batch: int = 16,
-        max_wait_ms: float = 2.0,
+        max_wait_ms: float = 0.0,
         max_queue: int = 256,
         threads: int = 0,
         tenant_queue_share: float = 0.5,
