@@ -33,7 +33,7 @@ from typing import Any
 from proxy.guards.guard import ConversationScore, GuardError, GuardLimitExceeded, Taxonomy, Turn, tokens_at_least
 from proxy.guards.hub import explain, load_kwargs, pick_dtype, quantize, quiet_transformers
 from proxy.guards.llama_guard_prompt import FAMILIES, Family, build, encode_hf, read_categories, read_verdict
-from proxy.guards.prefix_cache import KV, Block, PrefixCache
+from proxy.guards.prefix_cache import PrefixCache, batch_past, gather, one_sequence
 from proxy.guards.runner import GuardRunner, current_tenant
 from proxy.guards.verdict_cache import VerdictCache, digest_ids
 from proxy.settings import GuardSettings
@@ -293,7 +293,7 @@ class _Model:
                 input_ids=ids.to(self.device),
                 attention_mask=mask.to(self.device),
                 position_ids=positions.to(self.device),
-                past_key_values=self._past(paths, hits, past_len),
+                past_key_values=batch_past(paths, past_len),
                 use_cache=True,
                 logits_to_keep=1,
             )
@@ -318,37 +318,10 @@ class _Model:
                 (torch.cat([k[row, :, cut], fk], 1), torch.cat([v[row, :, cut], fv], 1))
                 for (k, v), (fk, fv) in zip(layers, fresh, strict=True)
             ]
-            state = _Prefill(prompt, len(prompt.ids), self._cache_of(own))
+            state = _Prefill(prompt, len(prompt.ids), one_sequence(own))
             kept, all_excluded = read_categories(self._continue_cached(state), prompt.item.taxonomy)
             results.append(ConversationScore(unsafe, binary, mass, categories=kept, all_excluded=all_excluded))
         return results
-
-    def _past(self, paths: list[list[Block]], hits: list[int], width: int) -> Any:
-        """The batch's cached prefixes, each right-aligned in `width` slots (zeros before it)."""
-        from transformers import DynamicCache
-
-        if width == 0:
-            return DynamicCache()
-        torch = self.torch
-        rows = [PrefixCache.gather(path) if path else None for path in paths]
-        sample = next(kv for kv in rows if kv is not None)
-        layers = []
-        for layer, (k0, _) in enumerate(sample):
-            keys = torch.zeros((len(paths), k0.shape[0], width, k0.shape[2]), dtype=k0.dtype, device=k0.device)
-            values = torch.zeros_like(keys)
-            for row, (kv, hit) in enumerate(zip(rows, hits, strict=True)):
-                if kv is not None:
-                    keys[row, :, width - hit :] = kv[layer][0]
-                    values[row, :, width - hit :] = kv[layer][1]
-            layers.append((keys, values))
-        return DynamicCache(layers)
-
-    @staticmethod
-    def _cache_of(kv: KV) -> Any:
-        """A one-sequence DynamicCache holding copies of `kv` (a forward pass then extends the copies)."""
-        from transformers import DynamicCache
-
-        return DynamicCache([(k.unsqueeze(0), v.unsqueeze(0)) for k, v in kv])
 
     def prefill(self, state: _Prefill) -> ConversationScore | None:
         """Feed the next `step_tokens` of a long prompt into its cache (starting after its cached
@@ -359,7 +332,7 @@ class _Model:
         if state.cache is None and self.prefix.enabled and not state.prompt.pixels:
             path = self.prefix.lookup(tenant, ids)
             if path:
-                state.cache, state.done = self._cache_of(PrefixCache.gather(path)), len(path) * self.prefix.block_tokens
+                state.cache, state.done = one_sequence(gather(path)), len(path) * self.prefix.block_tokens
                 state.hit = state.done
         end = min(state.done + self.settings.step_tokens, len(ids))
         with torch.inference_mode():
@@ -374,8 +347,8 @@ class _Model:
         if end < len(ids):
             return None
         if self.prefix.enabled and not state.prompt.pixels:
-            fresh = [(layer.keys[0, :, state.hit :], layer.values[0, :, state.hit :]) for layer in state.cache.layers]
-            self.prefix.insert(tenant, ids, state.hit, fresh)
+            # From position 0: blocks of its prefix evicted between steps are put back.
+            self.prefix.insert(tenant, ids, 0, [(layer.keys[0], layer.values[0]) for layer in state.cache.layers])
             self.prefix.count(state.hit, len(ids) - state.hit)
             self.prefix.trim()
         probs = torch.softmax(out.logits[0, -1, :].float(), dim=-1)

@@ -136,13 +136,41 @@ class PrefixCache:
         if evicted and self.observe is not None:
             self.observe("evicted", evicted)
 
-    @staticmethod
-    def gather(path: list[Block]) -> KV:
-        """The cached prefix as one (keys, values) pair per layer, [kv_heads, tokens, head_dim]."""
-        import torch
 
-        layers = len(path[0].kv)
-        return [
-            (torch.cat([b.kv[i][0] for b in path], dim=1), torch.cat([b.kv[i][1] for b in path], dim=1))
-            for i in range(layers)
-        ]
+def gather(path: list[Block]) -> KV:
+    """The cached prefix as one (keys, values) pair per layer, [kv_heads, tokens, head_dim]."""
+    import torch
+
+    return [
+        (torch.cat([b.kv[i][0] for b in path], dim=1), torch.cat([b.kv[i][1] for b in path], dim=1))
+        for i in range(len(path[0].kv))
+    ]
+
+
+def batch_past(paths: list[list[Block]], width: int) -> Any:
+    """A DynamicCache of a batch's cached prefixes, each right-aligned in `width` slots after zeros
+    (the attention mask hides the zeros)."""
+    import torch
+    from transformers import DynamicCache
+
+    if width == 0:
+        return DynamicCache()
+    rows = [gather(path) if path else None for path in paths]
+    sample = next(kv for kv in rows if kv is not None)
+    layers = []
+    for layer, (k0, _) in enumerate(sample):
+        keys = torch.zeros((len(paths), k0.shape[0], width, k0.shape[2]), dtype=k0.dtype, device=k0.device)
+        values = torch.zeros_like(keys)
+        for row, kv in enumerate(rows):
+            if kv is not None:
+                keys[row, :, width - kv[layer][0].shape[1] :] = kv[layer][0]
+                values[row, :, width - kv[layer][1].shape[1] :] = kv[layer][1]
+        layers.append((keys, values))
+    return DynamicCache(layers)
+
+
+def one_sequence(kv: KV) -> Any:
+    """A one-sequence DynamicCache holding copies of `kv` (a forward pass then extends the copies)."""
+    from transformers import DynamicCache
+
+    return DynamicCache([(k.unsqueeze(0), v.unsqueeze(0)) for k, v in kv])

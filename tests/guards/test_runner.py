@@ -281,7 +281,10 @@ async def test_a_long_prompt_guard_check_lets_a_short_one_through(tiny: TinyMode
 async def test_a_cancelled_check_submits_no_further_piece(tiny: TinyModels) -> None:
     runner = GuardRunner("cpu", max_batch=2, max_wait_ms=0)
     try:
-        pg = await load_prompt_guard(tiny.pg2, runner, forward_batch=1, window_tokens=32, window_overlap_tokens=0)
+        # No verdict cache: the repeated "hello" must reach the runner.
+        pg = await load_prompt_guard(
+            tiny.pg2, runner, forward_batch=1, window_tokens=32, window_overlap_tokens=0, verdict_cache_entries=0
+        )
         long = asyncio.create_task(pg.score_texts([ScreenText(FILLER * 2)]))
         await asyncio.sleep(0)
         await pg.score_texts([ScreenText("hello")])  # the long check is now under way
