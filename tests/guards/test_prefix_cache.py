@@ -18,7 +18,8 @@ from proxy.guards.llama_guard import LlamaGuard
 from proxy.guards.prefix_cache import BLOCK_TOKENS
 from proxy.guards.runner import GuardRunner
 from tests.guards.conftest import load_llama_guard
-from tests.guards.model_fixtures import TinyModels
+from tests.guards.model_fixtures import TinyModels, build_llama4_vision
+from tests.guards.test_llama4_images import png
 
 CHAT = [
     Turn("User", "Can you help me plan a trip to the mountains next summer?"),
@@ -223,3 +224,20 @@ async def test_long_prompt_prefills_after_its_cached_prefix(models: dict[str, Pa
         assert model != "lg3_graded" or a.categories == ("S1",)
     finally:
         await runner.stop()
+
+
+@pytest.fixture(scope="module")
+def vision(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_llama4_vision(tmp_path_factory.mktemp("lg4-vision"))
+
+
+async def test_images_bypass_both_caches(vision: Path, runner: GuardRunner) -> None:
+    """Image tiles are tokens that name no pixels: two pictures give the same ids, so neither cache
+    may answer for an image prompt."""
+    guard = await load_llama_guard(vision, runner, family="llama-guard-4", min_mass=0.0)
+    red, blue = ([Turn("User", "What is this?", images=(png(300, 200, c),))] for c in ((200, 0, 0), (0, 0, 200)))
+    assert guard.encode(red, Taxonomy()) == guard.encode(blue, Taxonomy())
+    a = await guard.score_conversation(red, Taxonomy(), categories_from=1.1)
+    b = await guard.score_conversation(blue, Taxonomy(), categories_from=1.1)
+    assert a.score != b.score
+    assert (guard.prefix_cache.computed_tokens, guard.prefix_cache.blocks, len(guard.verdicts)) == (0, 0, 0)
