@@ -36,6 +36,7 @@ TAXONOMIES = [
     Taxonomy(custom=(Category("S1", "Custom category 1.", "Do not talk about custom category 1."),), replace=True),
 ]
 FAMILIES = [
+    ("random2", "llama-guard-1"),
     ("random3", "llama-guard-3-1b"),
     ("random3", "llama-guard-2"),
     ("random4", "llama-guard-4"),
@@ -48,12 +49,15 @@ FAMILIES = [
 ]
 
 
-def build_random(tokenizer_dir: Path, out: Path) -> Path:
-    """A seeded random-weight 2-layer Llama with the fixture's tokenizer: position-sensitive scores."""
+def build_random(tokenizer_dir: Path, out: Path, llama2_tokens: bool = False) -> Path:
+    """A seeded random-weight 2-layer Llama with the fixture's tokenizer: position-sensitive scores.
+    `llama2_tokens` adds Llama 2's <s> and </s> (Llama Guard 1's BOS and stop token)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if llama2_tokens:
+        tok.add_special_tokens({"additional_special_tokens": ["<s>", "</s>"]})
     tok.save_pretrained(out)
     cfg = LlamaConfig(
         vocab_size=len(tok),
@@ -81,6 +85,7 @@ def models(tiny: TinyModels, tmp_path_factory: pytest.TempPathFactory) -> dict[s
         "lg3": tiny.lg3,
         "lg3_graded": tiny.lg3_graded,
         "lg4": tiny.lg4,
+        "random2": build_random(tiny.lg3, root / "random2", llama2_tokens=True),
         "random3": build_random(tiny.lg3, root / "random3"),
         "random4": build_random(tiny.lg4, root / "random4"),
         "random4_vision": build_llama4_vision(root / "random4-vision"),
