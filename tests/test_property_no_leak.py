@@ -92,6 +92,7 @@ async def test_no_unscreened_text_reaches_the_upstream(
 ) -> None:
     body = json.dumps({"model": "gpt-fake", "messages": conversation, "stream": stream}).encode()
     async with start_proxy(policies={"default": POLICY}) as proxy:
+        before = len(proxy.upstream.chat_requests)  # the fake upstream lives across examples
         async with (
             aiohttp.ClientSession() as http,
             http.post(
@@ -101,7 +102,7 @@ async def test_no_unscreened_text_reaches_the_upstream(
             ) as resp,
         ):
             status, answer = resp.status, await resp.read()
-        forwarded = [r.json for r in proxy.upstream.chat_requests]
+        forwarded = [r.json for r in proxy.upstream.chat_requests[before:]]
     assert status < 500, answer
     for sent in forwarded:
         leaked = [t for t in read_texts(sent["messages"]) if carries_trigger(t)]

@@ -225,6 +225,20 @@ def input_conversation(request: ChatRequest, *, include_system: bool = False) ->
     return turns
 
 
+def input_conversations(request: ChatRequest, *, include_system: bool = False) -> list[list[Turn]]:
+    """What the input check judges: the conversation up to its last User turn and, when assistant
+    turns follow that (a prefill the model continues from), also the whole conversation, so that
+    its last Agent turn is assessed before it goes upstream."""
+    full = conversation(request, include_system=include_system)
+    upto = list(full)
+    while upto and upto[-1].speaker != "User":
+        upto.pop()
+    subjects = [upto] if upto else []
+    if full and full[-1].speaker == "Agent":
+        subjects.append(full)
+    return subjects
+
+
 def output_conversation(request: ChatRequest, reply: Reply, *, include_system: bool = False) -> list[Turn]:
     """The conversation plus the reply as the last Agent turn; empty when the reply has no text."""
     text = guard_view(reply.text)

@@ -8,6 +8,7 @@ guard error either blocks (503, `on_guard_error: block`) or lets the check pass 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import structlog
 from proxy.guards.guard import ConversationGuard, Guard, GuardError, GuardLimitExceeded, ScreenText, TextGuard, Turn
 from proxy.policy.models import DEFAULT_TEXT_ROLES, CheckSettings, RouteSettings
 from proxy.protocol import ChatRequest
-from proxy.screening.collect import Reply, count_limits, input_conversation, output_conversation, screen_texts
+from proxy.screening.collect import Reply, count_limits, input_conversations, output_conversation, screen_texts
 
 log = structlog.get_logger("proxy.screening")
 
@@ -155,6 +156,9 @@ async def _run_check(
         result.latency_ms = (time.perf_counter() - start) * 1000
 
 
+PlannedCheck = tuple[CheckSettings, Guard, CheckResult, list[ScreenText] | None, list[Turn] | None]
+
+
 def _plan(
     route: RouteSettings,
     checks: Sequence[CheckSettings],
@@ -162,8 +166,8 @@ def _plan(
     side: Side,
     request: ChatRequest,
     reply: Reply | None,
-) -> list[tuple[CheckSettings, Guard, CheckResult, list[ScreenText] | None, list[Turn] | None]]:
-    plan = []
+) -> list[PlannedCheck]:
+    plan: list[PlannedCheck] = []
     for check in checks:
         guard = guards[check.guard]
         result = CheckResult(
@@ -173,19 +177,21 @@ def _plan(
             enforced=_enforced(route, check),
             choice=reply.index if reply else None,
         )
-        texts = turns = None
         if isinstance(guard, TextGuard):
             roles = check.roles or (*DEFAULT_TEXT_ROLES, *(("system",) if route.screen_system else ()))
             texts = screen_texts(request, roles)
             result.skipped = not texts
-        else:
-            turns = (
-                output_conversation(request, reply, include_system=route.screen_system)
-                if reply
-                else input_conversation(request, include_system=route.screen_system)
-            )
-            result.skipped = not turns
-        plan.append((check, guard, result, texts, turns))
+            plan.append((check, guard, result, texts, None))
+            continue
+        subjects = (
+            [output_conversation(request, reply, include_system=route.screen_system)]
+            if reply
+            else input_conversations(request, include_system=route.screen_system)
+        )
+        subjects = [turns for turns in subjects if turns]
+        result.skipped = not subjects
+        for k, turns in enumerate(subjects or [[]]):
+            plan.append((check, guard, result if k == 0 else dataclasses.replace(result), None, turns))
     return plan
 
 

@@ -12,6 +12,7 @@ from proxy.protocol import ChatRequest, ChoiceMessage
 from proxy.screening.collect import (
     Reply,
     input_conversation,
+    input_conversations,
     output_conversation,
     reply_text,
     screen_texts,
@@ -121,6 +122,13 @@ def test_what_guards_see(
     label: str, messages: list[dict[str, Any]], texts: list[str], turns: list[tuple[str, str]]
 ) -> None:
     assert views(request(*messages)) == (texts, turns)
+
+
+def test_input_check_also_judges_a_trailing_assistant_turn() -> None:
+    req = request({"role": "user", "content": "u"}, {"role": "assistant", "content": "prefill"})
+    subjects = [[(t.speaker, t.text) for t in turns] for turns in input_conversations(req)]
+    assert subjects == [[("User", "u")], [("User", "u"), ("Agent", "prefill")]]
+    assert len(input_conversations(request({"role": "user", "content": "u"}))) == 1
 
 
 def test_output_conversation_appends_the_reply_and_keeps_it_agent() -> None:
