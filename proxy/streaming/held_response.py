@@ -40,6 +40,9 @@ class HeldResponse:
         """The error code of the final error event, when one was sent."""
         self._finished = False
         self._task: asyncio.Task[None] | None = None
+        # The first keep-alive is a timer, not a task: most replies are checked before it is due,
+        # and a timer costs a tenth of a task's start and cancel.
+        self._timer: asyncio.TimerHandle | None = None
         self._writing = asyncio.Lock()  # a keep-alive (or the headers) is never cut in half
 
     @property
@@ -54,8 +57,12 @@ class HeldResponse:
 
     async def __aenter__(self) -> HeldResponse:
         self.request[HELD] = self
-        self._task = asyncio.create_task(self._keepalive())
+        self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._start_keepalive)
         return self
+
+    def _start_keepalive(self) -> None:
+        self._timer = None
+        self._task = asyncio.create_task(self._keepalive())
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -78,15 +85,18 @@ class HeldResponse:
     async def _keepalive(self) -> None:
         try:
             while True:
-                await asyncio.sleep(self.interval_s)
                 async with self._writing:
                     response = await self._prepare("deferred")
                     await response.write(KEEPALIVE)
                 self.keepalives_sent += 1
+                await asyncio.sleep(self.interval_s)
         except ConnectionError:
             return  # the client went away; the handler's next write says so
 
     async def stop_keepalive(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         task, self._task = self._task, None
         if task is None:
             return
