@@ -408,7 +408,9 @@ async def relay_incremental(
     if server.log_content:
         record.completion = [r.text for r in streamed.replies()]
     if isinstance(closing, ProxyError):
-        return await held_response.send_error(closing)
+        response = await held_response.send_error(closing)
+        record.error = record.error or held_response.failure
+        return response
     return await held_response.send(closing, record.decision)
 
 
