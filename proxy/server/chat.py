@@ -251,6 +251,7 @@ def relay_unchanged(
 
 def upstream_failed(request: web.Request, record: Record, kind: str) -> None:
     """Count an upstream failure once per request, however many layers see it."""
+    kind = kind.removeprefix("upstream_")  # error codes already say upstream_...
     if record.error is None:
         record.error = f"upstream_{kind}"
         request.app[METRICS].upstream_errors.labels(record.upstream or "-", kind).inc()

@@ -145,7 +145,8 @@ async def test_slow_reader_gets_the_whole_reply(start_proxy: Any) -> None:
             writer.close()
         assert status == 200
         assert len(json.loads(body)["choices"][0]["message"]["content"]) == 8_000_000
-        assert rejected(proxy, "header_timeout") == 0
+        # No count of header timeouts here: once the reply has left the proxy's buffer, the idle
+        # connection may rightly be closed while the kernel still delivers the rest to this client.
 
 
 async def test_half_sent_body_is_answered_408_and_closed(start_proxy: Any) -> None:
