@@ -12,6 +12,8 @@ Random weights give the real cost, not real verdicts. The tokenizer is the tiny 
     python bench/guards_cpu.py                 # everything below
     python bench/guards_cpu.py --only pg2      # one model
     python bench/guards_cpu.py --lg-long-max-concurrency 8
+    python bench/guards_cpu.py --only pg2 --threads 2 --quantize int8 --batching on
+    python bench/guards_cpu.py --deviation     # max |int8 - float32| score on random texts
 """
 
 from __future__ import annotations
@@ -143,21 +145,34 @@ async def measure(call: Any, concurrency: int) -> dict[str, float]:
     }
 
 
+def load_guard(kind: str, path: Path, runner: GuardRunner, device: str, quantize: str) -> Any:
+    # Caches off: every check here costs a whole check (bench/prefix_cache.py measures the caches).
+    common: dict[str, Any] = {"model": str(path), "device": device, "quantize": quantize}
+    for key in ("verdict_cache_entries", "prefix_cache_mb"):
+        if key in GuardSettings.model_fields:
+            common[key] = 0
+    if kind == "pg2":
+        return PromptGuard("pg2", GuardSettings(family="prompt-guard-2", **common), runner)
+    # min_mass 0: random weights put no mass on safe/unsafe (a real model would be refused otherwise)
+    return LlamaGuard("lg3", GuardSettings(family="llama-guard-3-1b", min_mass=0.0, **common), runner)
+
+
 async def bench_model(
-    kind: str, path: Path, lengths: list[int], concurrencies: list[int], long_max: int, device: str = "cpu"
+    kind: str,
+    path: Path,
+    lengths: list[int],
+    concurrencies: list[int],
+    long_max: int,
+    device: str = "cpu",
+    *,
+    threads: int = 0,
+    quantize: str = "none",
+    batchings: tuple[bool, ...] = (True, False),
 ) -> list[dict[str, Any]]:
     rows = []
-    for batching in (True, False):
-        runner = GuardRunner(device, max_batch=32 if batching else 1, max_wait_ms=2.0, max_queue=1024)
-        if kind == "pg2":
-            guard: Any = PromptGuard(
-                "pg2", GuardSettings(family="prompt-guard-2", model=str(path), device=device), runner
-            )
-        else:
-            # min_mass 0: random weights put no mass on safe/unsafe (a real model would be refused otherwise)
-            guard = LlamaGuard(
-                "lg3", GuardSettings(family="llama-guard-3-1b", model=str(path), min_mass=0.0, device=device), runner
-            )
+    for batching in batchings:
+        runner = GuardRunner(device, max_batch=32 if batching else 1, max_queue=1024, threads=threads)
+        guard = load_guard(kind, path, runner, device, quantize)
         await guard.load()
         tokenizer = guard._model.tokenizer
         for length in lengths:
@@ -193,6 +208,8 @@ async def bench_model(
                 result = await measure(call, concurrency)
                 row = {
                     "model": kind,
+                    "threads": threads or "all-but-one",
+                    "quantize": quantize,
                     "message_tokens": length,
                     "prompt_tokens": prompt_tokens,
                     "concurrency": concurrency,
@@ -208,23 +225,54 @@ async def bench_model(
 
 def table(rows: list[dict[str, Any]]) -> str:
     out = [
-        "| model | message tokens (prompt) | concurrency | micro-batching | mean latency ms | wall ms/check | "
-        "max loop gap ms |",
-        "|---|---|---|---|---|---|---|",
+        "| model | threads | weights | message tokens (prompt) | concurrency | micro-batching | mean latency ms | "
+        "wall ms/check | max loop gap ms |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.get("skipped"):
             out.append(
-                f"| {r['model']} | {r['message_tokens']} ({r['prompt_tokens']}) | {r['concurrency']} | "
-                f"{'on' if r['batching'] else 'off'} | not run (too long on 2 cores) | | |"
+                f"| {r['model']} | {r.get('threads', '')} | {r.get('quantize', '')} | {r['message_tokens']} "
+                f"({r['prompt_tokens']}) | {r['concurrency']} | {'on' if r['batching'] else 'off'} | "
+                "not run (too long on 2 cores) | | |"
             )
             continue
         out.append(
-            f"| {r['model']} | {r['message_tokens']} ({r['prompt_tokens']}) | {r['concurrency']} | "
-            f"{'on' if r['batching'] else 'off'} | {r['latency_ms']:.0f} | {r['wall_ms_per_check']:.0f} | "
-            f"{r['max_loop_gap_ms']:.1f} |"
+            f"| {r['model']} | {r.get('threads', '')} | {r.get('quantize', 'none')} | {r['message_tokens']} "
+            f"({r['prompt_tokens']}) | {r['concurrency']} | {'on' if r['batching'] else 'off'} | "
+            f"{r['latency_ms']:.0f} | {r['wall_ms_per_check']:.0f} | {r['max_loop_gap_ms']:.1f} |"
         )
     return "\n".join(out)
+
+
+async def score_one(guard: Any, kind: str, text: str) -> float:
+    if kind == "pg2":
+        return float((await guard.score_texts([ScreenText(text)]))[0].score)
+    verdict = await guard.score_conversation([Turn("User", text)], Taxonomy(), categories_from=1.1)
+    return float(verdict.score_binary)
+
+
+async def deviation(only: str | None) -> None:
+    """Score the same texts with float32 and int8 weights; print the largest score difference."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("pg2", "lg3"):
+            if only not in (None, kind):
+                continue
+            path = make_pg2_22m(Path(tmp) / kind) if kind == "pg2" else make_lg3_1b(Path(tmp) / kind)
+            runner = GuardRunner("cpu", max_queue=1024)
+            plain, int8 = load_guard(kind, path, runner, "cpu", "none"), load_guard(kind, path, runner, "cpu", "int8")
+            await plain.load()
+            await int8.load()
+            tokenizer = plain._model.tokenizer
+            worst, scores = 0.0, []
+            lengths = (5, 30, 100, 400) if kind == "pg2" else (5, 30, 100)
+            for n, length in enumerate(lengths):
+                text = f"{n} " + message(tokenizer, length)
+                a, b = await score_one(plain, kind, text), await score_one(int8, kind, text)
+                worst = max(worst, abs(a - b))
+                scores.append((round(a, 4), round(b, 4)))
+            print(json.dumps({"model": kind, "max_abs_score_delta": worst, "float32_int8": scores}), flush=True)
+            await runner.stop()
 
 
 async def main() -> None:
@@ -236,7 +284,16 @@ async def main() -> None:
     parser.add_argument("--lg-long-max-concurrency", type=int, default=8)
     parser.add_argument("--out", type=Path, default=None, help="write the markdown table here")
     parser.add_argument("--rows", type=Path, default=None, help="JSON lines of earlier rows to include in the table")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores but one)")
+    parser.add_argument("--quantize", choices=["none", "int8"], default="none")
+    parser.add_argument("--batching", choices=["both", "on", "off"], default="both")
+    parser.add_argument("--deviation", action="store_true", help="only: max |int8 - float32| score per model")
     args = parser.parse_args()
+    if args.deviation:
+        await deviation(args.only)
+        return
+    batchings = {"both": (True, False), "on": (True,), "off": (False,)}[args.batching]
+    options: dict[str, Any] = {"threads": args.threads, "quantize": args.quantize, "batchings": batchings}
     lengths = [int(x) for x in args.lengths.split(",")]
     concurrencies = [int(x) for x in args.concurrency.split(",")]
     rows: list[dict[str, Any]] = []
@@ -245,7 +302,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "pg2"):
             rows += await bench_model(
-                "pg2", make_pg2_22m(Path(tmp) / "pg2"), lengths, concurrencies, 10**6, args.device
+                "pg2", make_pg2_22m(Path(tmp) / "pg2"), lengths, concurrencies, 10**6, args.device, **options
             )
         if args.only in (None, "lg3"):
             rows += await bench_model(
@@ -255,6 +312,7 @@ async def main() -> None:
                 concurrencies,
                 args.lg_long_max_concurrency,
                 args.device,
+                **options,
             )
     text = table(rows)
     print(text)
