@@ -274,3 +274,22 @@ async def _raw_request(url: str, data: bytes) -> tuple[bytes, bytes]:
     await writer.wait_closed()
     head, _, body = response.partition(b"\r\n\r\n")
     return head.split(b"\r\n")[0], body
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "gpt-fake", "messages": [{"role": "user", "content": "bomb"}],'
+        b' "messages": [{"role": "user", "content": "hi"}]}',
+        b'{"model": "gpt-fake", "messages": [{"role": "user", "content": "bomb", "content": "hi"}]}',
+    ],
+    ids=["top-level", "in a message"],
+)
+async def test_a_repeated_json_key_is_refused(start_proxy: Any, body: bytes) -> None:
+    """Parsers differ on which repeated key wins: the proxy must not screen one value while an
+    upstream reads the other."""
+    async with start_proxy() as proxy:
+        status, payload = await post_raw(proxy.url, body)
+    assert status == 400
+    assert "repeats the key" in payload["error"]["message"]
+    assert proxy.upstream.chat_requests == []
