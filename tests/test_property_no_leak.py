@@ -86,11 +86,12 @@ def carries_trigger(text: str) -> bool:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(conversation=messages(), stream=st.booleans())
+@given(conversation=messages(), stream=st.booleans(), tool_text=st.one_of(st.none(), TEXT))
 async def test_no_unscreened_text_reaches_the_upstream(
-    start_proxy: Any, conversation: list[dict[str, Any]], stream: bool
+    start_proxy: Any, conversation: list[dict[str, Any]], stream: bool, tool_text: str | None
 ) -> None:
-    body = json.dumps({"model": "gpt-fake", "messages": conversation, "stream": stream}).encode()
+    tools = [] if tool_text is None else [{"type": "function", "function": {"name": "f", "description": tool_text}}]
+    body = json.dumps({"model": "gpt-fake", "messages": conversation, "stream": stream, "tools": tools}).encode()
     async with start_proxy(policies={"default": POLICY}) as proxy:
         before = len(proxy.upstream.chat_requests)  # the fake upstream lives across examples
         async with (
@@ -105,7 +106,7 @@ async def test_no_unscreened_text_reaches_the_upstream(
         forwarded = [r.json for r in proxy.upstream.chat_requests[before:]]
     assert status < 500, answer
     for sent in forwarded:
-        leaked = [t for t in read_texts(sent["messages"]) if carries_trigger(t)]
+        leaked = [t for t in read_texts([sent["messages"], sent["tools"]]) if carries_trigger(t)]
         assert not leaked, f"unscreened text reached the upstream: {leaked!r}"
     assert not carries_trigger(answer.decode("utf-8", "replace"))
 

@@ -170,18 +170,34 @@ def message_text(message: Message) -> str:
     return "\n".join(message_texts(message))
 
 
+# Request fields the application writes for the model (trusted like system text, screened with it):
+# tool and function definitions, the response schema, a predicted output.
+DEFINITION_FIELDS = ("tools", "functions", "response_format", "prediction")
+# Which policy role a message role counts as (`developer` is the newer name of `system`).
+POLICY_ROLE = {"developer": "system", "function": "tool"}
+
+
+def definition_texts(request: ChatRequest) -> list[str]:
+    extra = request.model_extra or {}
+    return extra_text({field: extra[field] for field in DEFINITION_FIELDS if field in extra})
+
+
 def screen_texts(request: ChatRequest, roles: Iterable[str]) -> list[ScreenText]:
     """Each text a Prompt Guard check scores, separately (scores are per text; max over texts)."""
     wanted = set(roles)
-    out: list[ScreenText] = []
+    texts: list[tuple[str, TextSource]] = []
+    if "system" in wanted:
+        texts += [(text, "user") for text in definition_texts(request)]
     for message in request.messages:
-        if message.role not in wanted and not (message.role == "function" and "tool" in wanted):
+        if POLICY_ROLE.get(message.role, message.role) not in wanted:
             continue
         source: TextSource = "user" if message.role in ("user", "system", "developer") else "third_party"
-        for text in message_texts(message):
-            view = guard_view(text)
-            if view.strip():
-                out.append(ScreenText(view, source))
+        texts += [(text, source) for text in message_texts(message)]
+    out = []
+    for text, source in texts:
+        view = guard_view(text)
+        if view.strip():
+            out.append(ScreenText(view, source))
     return out
 
 
@@ -200,6 +216,8 @@ def _merge(turns: Iterable[Turn]) -> list[Turn]:
 
 
 def _turns(request: ChatRequest, include_system: bool) -> Iterator[Turn]:
+    if include_system:
+        yield Turn("User", guard_view("\n".join(definition_texts(request))))
     for message in request.messages:
         speaker = SPEAKER[message.role] or ("User" if include_system else None)
         if speaker is None:
