@@ -114,7 +114,8 @@ def describe_route(route: object) -> str:
         for side in ("input", "output")
         if getattr(route, side)
     )
+    stream = "" if route.stream == "buffer" else f", stream=incremental(release_tokens={route.release_tokens})"
     return (
         f"{where} -> {route.upstream}, {route.mode}, on_block={route.on_block}, "
-        f"on_guard_error={route.on_guard_error}, {checks or 'no checks'}"
+        f"on_guard_error={route.on_guard_error}{stream}, {checks or 'no checks'}"
     )

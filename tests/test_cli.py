@@ -153,3 +153,12 @@ def test_docker_config_needs_a_tenant_key(
     monkeypatch.setenv("GUARDRAIL_API_KEY", "sk-proxy")
     assert main(["check", "--config", str(tmp_path / "config.yaml")]) == 0
     assert "tenant default: policy default@" in capsys.readouterr().out
+
+
+def test_check_names_a_routes_stream_mode() -> None:
+    from proxy.cli import describe_route
+    from proxy.policy.models import RouteSettings
+
+    incremental = RouteSettings.model_validate({"name": "chat", "stream": "incremental", "release_tokens": 32})
+    assert "stream=incremental(release_tokens=32)" in describe_route(incremental)
+    assert "stream=" not in describe_route(RouteSettings.model_validate({"name": "chat"}))
