@@ -324,3 +324,16 @@ async def test_tool_definitions_are_trusted_like_system_text_by_default(start_pr
     async with start_proxy() as proxy:
         completion = await chat(proxy, [{"role": "user", "content": "hi"}], extra_body={"tools": [TOOL]})
     assert completion.choices[0].message.content == proxy.upstream.replies[0]
+
+
+@pytest.mark.parametrize("side", ["llama_guard", "prompt_guard"])
+async def test_a_nan_score_is_a_guard_error_not_a_pass(start_proxy: Any, side: str) -> None:
+    """NaN compares below every threshold: it must fail closed, never pass."""
+    nan = float("nan")
+    guards: dict[str, Any] = {"prompt_guard": ScriptedTextGuard(), "llama_guard": ScriptedConversationGuard()}
+    guards[side] = ScriptedConversationGuard(miss=nan) if side == "llama_guard" else ScriptedTextGuard(miss=nan)
+    async with start_proxy(guards=guards) as proxy:
+        with pytest.raises(openai.APIStatusError) as info:
+            await chat(proxy, [{"role": "user", "content": "hi"}])
+    assert info.value.status_code == 503
+    assert proxy.upstream.chat_requests == []

@@ -269,7 +269,7 @@ def read_verdict(family: Family, p_safe: float, p_unsafe: float, min_mass: float
     """(score, binary score, mass) from the first-token probabilities; a mass under `min_mass`
     means the prompt is not in the family's format: an error, never a verdict."""
     mass = p_safe + p_unsafe
-    if mass < min_mass:
+    if not mass >= min_mass:  # NaN included: never a verdict
         raise GuardError(
             f"P(safe)+P(unsafe) is {mass:.3f} < {min_mass}: the prompt does not match the {family.name} format"
         )

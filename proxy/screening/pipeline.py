@@ -112,10 +112,17 @@ def _enforced(route: RouteSettings, check: CheckSettings) -> bool:
     return (check.mode or route.mode) == "enforce"
 
 
+def _probability(score: float) -> float:
+    """A score that is not a probability (NaN from a broken model or server) is a guard error: a NaN
+    would compare as under every threshold, and so pass."""
+    if not 0.0 <= score <= 1.0:
+        raise GuardError(f"the guard returned a score that is not a probability ({score!r})")
+    return score
+
+
 async def _run_text_check(guard: TextGuard, texts: list[ScreenText], result: CheckResult) -> None:
     scores = await guard.score_texts(texts)
-    best = max(scores, key=lambda s: s.score)
-    result.score = best.score
+    result.score = max(_probability(s.score) for s in scores)
     result.windows = sum(s.windows for s in scores)
 
 
@@ -123,7 +130,7 @@ async def _run_conversation_check(
     guard: ConversationGuard, turns: list[Turn], route: RouteSettings, check: CheckSettings, result: CheckResult
 ) -> None:
     scored = await guard.score_conversation(turns, route.taxonomy(), categories_from=check.threshold)
-    score = scored.score if check.score == "full" else scored.score_binary
+    score = _probability(scored.score if check.score == "full" else scored.score_binary)
     result.categories = scored.categories
     # A verdict whose codes are all excluded counts as safe (Meta's llama-stack rule).
     result.score = 0.0 if scored.all_excluded else score
