@@ -22,7 +22,7 @@ from typing import Any
 
 from proxy.errors import BadRequest
 from proxy.guards.guard import Image, ScreenText, Speaker, TextSource, Turn
-from proxy.protocol import ChatRequest, ChoiceMessage, ContentPart, ImagePart, Message, OtherPart, TextPart
+from proxy.protocol import ChatRequest, Choice, ChoiceMessage, ContentPart, ImagePart, Message, OtherPart, TextPart
 from proxy.screening.normalize import guard_view
 
 SPEAKER: dict[str, Speaker | None] = {
@@ -60,6 +60,9 @@ def tool_call_text(message: Message | ChoiceMessage) -> list[str]:
     for call in message.tool_calls or []:
         if call.function is not None:
             out.append(f"{call.function.name or ''}({call.function.arguments or ''})")
+            out += extra_text(call.function.model_extra)
+        # Custom tools ({"type": "custom", "custom": {"name", "input"}}) and flat name/arguments.
+        out += extra_text(call.model_extra)
     if message.function_call is not None:
         out.append(f"{message.function_call.name or ''}({message.function_call.arguments or ''})")
     return out
@@ -263,6 +266,13 @@ def output_conversation(request: ChatRequest, reply: Reply, *, include_system: b
     if not text.strip():
         return []
     return _merge([*conversation(request, include_system=include_system), Turn("Agent", text)])
+
+
+def choice_text(choice: Choice) -> str:
+    """A JSON reply's choice as the output check sees it: its message and any other field's text
+    (`text`, a stray `delta` ...); `logprobs` mirror the content's tokens."""
+    extra = {k: v for k, v in (choice.model_extra or {}).items() if k != "logprobs"}
+    return "\n".join(t for t in [reply_text(choice.message), *extra_text(extra)] if t)
 
 
 def reply_text(message: ChoiceMessage | None) -> str:

@@ -26,7 +26,7 @@ from proxy.errors import (
 )
 from proxy.policy.models import RouteSettings
 from proxy.protocol import ChatCompletion, ChatRequest
-from proxy.screening.collect import Reply, count_limits, reply_text, unscreened_parts
+from proxy.screening.collect import Reply, choice_text, count_limits, unscreened_parts
 from proxy.screening.pipeline import Verdict, combine, screen, screen_replies
 from proxy.screening.refusal import refusal_completion, replace_choices
 from proxy.server.connections import read_body
@@ -286,7 +286,7 @@ async def relay_json(
         # Our own words only: a validation error would quote the upstream's unscreened text.
         detail = f": {exc}" if isinstance(exc, MalformedReply) else ""
         raise UpstreamError(f"The upstream returned a malformed chat completion{detail}.") from exc
-    replies = [Reply(c.index, reply_text(c.message)) for c in completion.choices]
+    replies = [Reply(c.index, choice_text(c)) for c in completion.choices]
     blocked, failure = await decide_output(request, route, chat, replies, verdict_in)
     if failure is not None:
         raise failure

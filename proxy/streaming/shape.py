@@ -24,7 +24,8 @@ KNOWN_FIELDS = frozenset(
     {"role", "content", "refusal", "reasoning_content", "reasoning", "tool_calls", "function_call"}
 )
 # Choice fields that are not text a client reads (logprobs mirror the content tokens).
-CHOICE_FIELDS = frozenset({"index", "delta", "message", "finish_reason", "logprobs"})
+CHOICE_FIELDS = frozenset({"index", "delta", "finish_reason", "logprobs"})
+_CALL_FIELDS = frozenset({"index", "id", "type", "function"})
 _TOKEN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -89,7 +90,12 @@ def tool_calls_of(obj: dict[str, Any], where: str, *, indexed: bool) -> list[tup
         call = mapping(call, at)
         index = index_of(call, at, MAX_TOOL_CALLS) if indexed else c
         fn = mapping(call.get("function"), f"{at}.function")
-        out.append((index, text_of(fn, "name", f"{at}.function"), text_of(fn, "arguments", f"{at}.function")))
+        # Custom tools ({"type": "custom", "custom": {"name", "input"}}) and any other field of a call
+        # carry text a client shows: it is read with the call's arguments.
+        rest = extra_text({k: v for k, v in call.items() if k not in _CALL_FIELDS})
+        rest += extra_text({k: v for k, v in fn.items() if k not in ("name", "arguments")})
+        arguments = text_of(fn, "arguments", f"{at}.function") + "".join(rest)
+        out.append((index, text_of(fn, "name", f"{at}.function"), arguments))
     if "function_call" in obj:
         at = f"{where}.function_call"
         fn = mapping(obj["function_call"], at)
