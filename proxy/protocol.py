@@ -6,6 +6,7 @@ upstream is the client's original JSON, never a re-serialisation of these models
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -94,6 +95,28 @@ class ChatCompletion(Wire):
     created: int | None = None
     model: str | None = None
     choices: list[Choice] = Field(default_factory=list)
+
+
+class RepeatedKey(ValueError):
+    """A JSON object names one key twice, or two keys that differ only in case."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len({key.casefold() for key in out}) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key.casefold() in seen:
+                raise RepeatedKey(f"the key {key[:64]!r} appears twice in one object (ignoring case)")
+            seen.add(key.casefold())
+    return out
+
+
+def loads(data: bytes | str) -> Any:
+    """json.loads that refuses a key repeated in one object, also one that differs only in case:
+    parsers differ on which one wins (the last, the first, or any case, as Go's does), so the proxy
+    could screen one value while an upstream or a client reads the other."""
+    return json.loads(data, object_pairs_hook=_unique_keys)
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict[str, Any]:

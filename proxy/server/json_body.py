@@ -3,15 +3,15 @@ text that no guard (and no UTF-8 upstream) can read are 400s, never a 500 or a g
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from proxy.errors import BadRequest
+from proxy.protocol import loads
 
 
 def parse_json_object(raw: bytes, *, max_depth: int) -> dict[str, Any]:
     try:
-        payload = json.loads(raw, object_pairs_hook=_unique_keys)
+        payload = loads(raw)
     except RecursionError as exc:
         raise BadRequest(f"The JSON body is nested too deeply (limit {max_depth}).") from exc
     except (ValueError, UnicodeDecodeError) as exc:
@@ -20,19 +20,6 @@ def parse_json_object(raw: bytes, *, max_depth: int) -> dict[str, Any]:
         raise BadRequest("The request body must be a JSON object.")
     check_values(payload, max_depth=max_depth)
     return payload
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A key given twice is refused: parsers differ on which one wins (Python's the last, others the
-    first), so the proxy could screen one value while the upstream reads the other."""
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise BadRequest(f"The JSON body repeats the key {key[:64]!r} in one object.")
-            seen.add(key)
-    return out
 
 
 def check_values(payload: Any, *, max_depth: int) -> None:

@@ -9,13 +9,12 @@ choice's text (a few large strings per field) for the output checks.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.errors import UpstreamError
-from proxy.protocol import error_body
+from proxy.protocol import error_body, loads
 from proxy.screening.collect import Reply
 from proxy.streaming.shape import (
     CHOICE_FIELDS,
@@ -217,7 +216,7 @@ def _plain_content(choice: dict[str, Any]) -> str | None:
 
 def _parse(data: str) -> dict[str, Any]:
     try:
-        chunk = json.loads(data)
+        chunk = loads(data)
     except (ValueError, RecursionError) as exc:
         raise MalformedStream("stream event data is not JSON") from exc
     if not isinstance(chunk, dict):

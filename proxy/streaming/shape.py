@@ -10,11 +10,11 @@ in any form, so no one serialisation is what it shows. Only a 200 reply is read 
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 from proxy.errors import UpstreamError
+from proxy.protocol import loads
 from proxy.screening.collect import TEXT_PART_FIELDS, extra_text
 
 MAX_CHOICES = 128  # the most choices a request may ask for (`n`)
@@ -153,7 +153,7 @@ def check_completion(body: Any) -> None:
 def parse_completion(body: bytes) -> Any:
     """A JSON reply's body parsed and its shape checked (MalformedReply otherwise)."""
     try:
-        completion = json.loads(body)
+        completion = loads(body)
     except (ValueError, RecursionError) as exc:
         raise MalformedReply("the reply is not JSON") from exc
     check_completion(completion)

@@ -62,3 +62,33 @@ async def test_custom_tool_call_in_the_request_is_screened(start_proxy: Any) -> 
         completion_ = await proxy.client().chat.completions.create(model="m", messages=messages)
     assert completion_.choices[0].finish_reason == "content_filter"
     assert proxy.upstream.chat_requests == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": "bomb", "content": "hi"}}]}',
+        b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],'
+        b' "Choices": [{"index": 0, "message": {"content": "bomb"}}]}',
+    ],
+    ids=["repeated key", "key differing only in case"],
+)
+async def test_json_reply_with_a_repeated_key_is_502(start_proxy: Any, body: bytes) -> None:
+    """A client whose parser keeps the first value (or matches keys ignoring case) would show what
+    the proxy did not screen."""
+    async with start_proxy() as proxy:
+        proxy.upstream.mode = "raw"
+        proxy.upstream.raw_body = body
+        answer = await post(proxy.url, stream=False)
+    assert answer.status == 502
+    assert b"bomb" not in answer.body
+
+
+async def test_stream_chunk_with_a_repeated_key_is_refused(start_proxy: Any) -> None:
+    odd = b'data: {"choices": [{"index": 0, "delta": {"content": "bomb"}, "delta": {"content": "hi"}}]}\n\n'
+    async with start_proxy() as proxy:
+        proxy.upstream.mode = "raw"
+        proxy.upstream.raw_chunks = [chunk(delta(role="assistant", content="")), odd, DONE]
+        answer = await post(proxy.url, stream=True)
+    assert answer.status == 502
+    assert b"bomb" not in answer.body
