@@ -242,7 +242,11 @@ def relay_unchanged(
     status: int, body: bytes, upstream_headers: dict[str, str], headers: dict[str, str], decision: str
 ) -> web.Response:
     resp = web.Response(status=status, body=body, headers={**headers, "x-guardrail-decision": decision})
-    resp.headers["Content-Type"] = upstream_headers.get("content-type", "application/json")
+    # A screened reply goes out as UTF-8 JSON, as it was read: an upstream's charset (utf-7 ...) would
+    # make a client decode other text than the guard saw.
+    resp.headers["Content-Type"] = (
+        "application/json" if status == 200 else upstream_headers.get("content-type", "application/json")
+    )
     for key in ("retry-after", "openai-processing-ms", "openai-version"):
         if key in upstream_headers:
             resp.headers[key] = upstream_headers[key]

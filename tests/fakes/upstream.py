@@ -35,6 +35,7 @@ class FakeUpstream:
     raw_chunks: list[bytes | None] = field(default_factory=list)
     raw_body: bytes = b""
     raw_status: int = 200
+    raw_content_type: str = "application/json"
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     delay_s: float = 0.0
     error_status: int = 500
@@ -247,7 +248,9 @@ class FakeUpstream:
     async def _raw(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         if not body.get("stream") or self.raw_status != 200:
             self.sent += self.raw_body
-            return web.Response(status=self.raw_status, body=self.raw_body, content_type="application/json")
+            return web.Response(
+                status=self.raw_status, body=self.raw_body, headers={"Content-Type": self.raw_content_type}
+            )
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for chunk in self.raw_chunks:

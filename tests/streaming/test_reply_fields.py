@@ -92,3 +92,14 @@ async def test_stream_chunk_with_a_repeated_key_is_refused(start_proxy: Any) -> 
         answer = await post(proxy.url, stream=True)
     assert answer.status == 502
     assert b"bomb" not in answer.body
+
+
+async def test_screened_json_reply_goes_out_as_utf8_whatever_charset_the_upstream_named(start_proxy: Any) -> None:
+    """UTF-7 would turn "+AGIAbwBtAGI-" (what the guard read) into "bomb" for a client that honours it."""
+    async with start_proxy() as proxy:
+        proxy.upstream.mode = "raw"
+        proxy.upstream.raw_content_type = "application/json; charset=utf-7"
+        proxy.upstream.raw_body = completion(choice("+AGIAbwBtAGI-"))
+        answer = await post(proxy.url, stream=False)
+    assert answer.status == 200
+    assert answer.headers["Content-Type"] == "application/json"
