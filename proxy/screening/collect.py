@@ -117,6 +117,7 @@ def images_of(message: Message) -> list[ImagePart]:
 def unscreened_parts(request: ChatRequest, allowed: Iterable[str]) -> list[str]:
     """The part types that reach the model unscreened because the route allows them; any other
     part the proxy cannot read as text or image is a 400 naming where it is."""
+    refuse_unscreenable(request)
     allowed = set(allowed)
     passed: list[str] = []
     for m, message in enumerate(request.messages):
@@ -176,13 +177,32 @@ def message_text(message: Message) -> str:
 # Request fields the application writes for the model (trusted like system text, screened with it):
 # tool and function definitions, the response schema, a predicted output.
 DEFINITION_FIELDS = ("tools", "functions", "response_format", "prediction")
+# Request fields of third-party text a serving engine puts in the prompt (vLLM's RAG `documents`,
+# template variables): untrusted, screened like tool results.
+DOCUMENT_FIELDS = ("documents", "chat_template_kwargs")
+# A request-supplied template decides what the model reads: the proxy cannot screen that.
+UNSCREENABLE_FIELDS = ("chat_template",)
 # Which policy role a message role counts as (`developer` is the newer name of `system`).
 POLICY_ROLE = {"developer": "system", "function": "tool"}
 
 
 def definition_texts(request: ChatRequest) -> list[str]:
+    return _field_texts(request, DEFINITION_FIELDS)
+
+
+def document_texts(request: ChatRequest) -> list[str]:
+    return _field_texts(request, DOCUMENT_FIELDS)
+
+
+def _field_texts(request: ChatRequest, fields: tuple[str, ...]) -> list[str]:
     extra = request.model_extra or {}
-    return extra_text({field: extra[field] for field in DEFINITION_FIELDS if field in extra})
+    return extra_text({field: extra[field] for field in fields if field in extra})
+
+
+def refuse_unscreenable(request: ChatRequest) -> None:
+    for field in UNSCREENABLE_FIELDS:
+        if field in (request.model_extra or {}):
+            raise BadRequest(f"'{field}' cannot be screened: this proxy does not accept it.", param=field)
 
 
 def screen_texts(request: ChatRequest, roles: Iterable[str]) -> list[ScreenText]:
@@ -191,6 +211,8 @@ def screen_texts(request: ChatRequest, roles: Iterable[str]) -> list[ScreenText]
     texts: list[tuple[str, TextSource]] = []
     if "system" in wanted:
         texts += [(text, "user") for text in definition_texts(request)]
+    if "tool" in wanted:
+        texts += [(text, "third_party") for text in document_texts(request)]
     for message in request.messages:
         if POLICY_ROLE.get(message.role, message.role) not in wanted:
             continue
@@ -221,6 +243,7 @@ def _merge(turns: Iterable[Turn]) -> list[Turn]:
 def _turns(request: ChatRequest, include_system: bool) -> Iterator[Turn]:
     if include_system:
         yield Turn("User", guard_view("\n".join(definition_texts(request))))
+    yield Turn("User", guard_view("\n".join(document_texts(request))))
     for message in request.messages:
         speaker = SPEAKER[message.role] or ("User" if include_system else None)
         if speaker is None:
@@ -296,7 +319,8 @@ def _reply_extra(extra: dict[str, Any] | None) -> dict[str, Any]:
 
 def count_limits(request: ChatRequest) -> tuple[int, int]:
     """(characters, images) over every message the model will read."""
-    chars = images = 0
+    chars = sum(len(t) for t in [*definition_texts(request), *document_texts(request)])
+    images = 0
     for message in request.messages:
         chars += sum(len(t) for t in message_texts(message))
         images += len(images_of(message))
