@@ -147,8 +147,8 @@ def unscreened_parts(request: ChatRequest, allowed: Iterable[str]) -> list[str]:
 
 def decode_image(part: ImagePart) -> Image | None:
     """Inline (data:) images are screened by multimodal guards; remote URLs are not fetched."""
-    url = part.image_url.url
-    if not url.startswith("data:"):
+    url = part.image_url.url.lstrip()
+    if url[:5].lower() != "data:":  # URL schemes are case-insensitive (servers read DATA: inline too)
         return None
     header, _, payload = url.partition(",")
     if ";base64" not in header:

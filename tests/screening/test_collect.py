@@ -192,3 +192,14 @@ def test_part_types_the_proxy_cannot_read_are_refused(
 )
 def test_guard_view(raw: str, seen: str) -> None:
     assert guard_view(raw) == seen
+
+
+def test_an_upper_case_data_url_is_an_inline_image() -> None:
+    """Servers read `DATA:` (schemes ignore case) and leading blanks as inline: so does the guard."""
+    from proxy.protocol import ImagePart
+    from proxy.screening.collect import decode_image
+
+    part = ImagePart.model_validate({"type": "image_url", "image_url": {"url": " DATA:image/png;base64,iVBORw0K"}})
+    image = decode_image(part)
+    assert image is not None
+    assert image.media_type == "image/png"
