@@ -261,14 +261,6 @@ def conversation(request: ChatRequest, *, include_system: bool = False) -> list[
     return turns
 
 
-def input_conversation(request: ChatRequest, *, include_system: bool = False) -> list[Turn]:
-    """The conversation up to and including the last User turn (the input check's subject)."""
-    turns = conversation(request, include_system=include_system)
-    while turns and turns[-1].speaker != "User":
-        turns.pop()
-    return turns
-
-
 def input_conversations(request: ChatRequest, *, include_system: bool = False) -> list[list[Turn]]:
     """What the input check judges: the conversation up to its last User turn and, when assistant
     turns follow that (a prefill the model continues from), also the whole conversation, so that
@@ -304,17 +296,18 @@ def reply_text(message: ChoiceMessage | None) -> str:
     parts = [*reasoning_text(message), message.content or "", *tool_call_text(message)]
     if message.refusal:
         parts.append(message.refusal)
-    parts += extra_text(_reply_extra(message.model_extra))
+    parts += reply_extra_text(message.model_extra)
     return "\n".join(p for p in parts if p)
 
 
-def _reply_extra(extra: dict[str, Any] | None) -> dict[str, Any]:
-    """A reply's `audio` carries base64 sound the guard cannot read: its transcript is screened."""
+def reply_extra_text(extra: dict[str, Any] | None) -> list[str]:
+    """`extra_text` of a reply's fields (JSON or stream): its `audio` carries base64 sound the guard
+    cannot read, so there only the transcript is screened."""
     out = dict(extra or {})
     audio = out.get("audio")
     if isinstance(audio, dict):
         out["audio"] = {k: v for k, v in audio.items() if k != "data"}
-    return out
+    return extra_text(out)
 
 
 def count_limits(request: ChatRequest) -> tuple[int, int]:

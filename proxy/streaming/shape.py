@@ -15,7 +15,7 @@ from typing import Any
 
 from proxy.errors import UpstreamError
 from proxy.protocol import loads
-from proxy.screening.collect import TEXT_PART_FIELDS, extra_text
+from proxy.screening.collect import TEXT_PART_FIELDS, extra_text, reply_extra_text
 
 MAX_CHOICES = 128  # the most choices a request may ask for (`n`)
 MAX_TOOL_CALLS = 1024
@@ -110,9 +110,7 @@ def other_text(obj: dict[str, Any], known: frozenset[str]) -> dict[str, list[str
     for key, value in obj.items():
         if key in known:
             continue
-        if key == "audio" and isinstance(value, dict):
-            value = {k: v for k, v in value.items() if k != "data"}  # base64 sound; the transcript is text
-        texts = extra_text({key: value})
+        texts = reply_extra_text({key: value})
         if texts:
             out[key] = texts
     return out

@@ -11,7 +11,6 @@ from proxy.errors import BadRequest
 from proxy.protocol import ChatRequest, ChoiceMessage
 from proxy.screening.collect import (
     Reply,
-    input_conversation,
     input_conversations,
     output_conversation,
     reply_text,
@@ -27,7 +26,8 @@ def request(*messages: dict[str, Any]) -> ChatRequest:
 
 def views(req: ChatRequest) -> tuple[list[str], list[tuple[str, str]]]:
     texts = [t.text for t in screen_texts(req, ("user", "tool"))]
-    turns: list[tuple[str, str]] = [(t.speaker, t.text) for t in input_conversation(req)]
+    subjects = input_conversations(req)
+    turns: list[tuple[str, str]] = [(t.speaker, t.text) for t in (subjects[0] if subjects else [])]
     return texts, turns
 
 
