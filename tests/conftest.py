@@ -9,6 +9,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import asyncio
+import gc
 import textwrap
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -58,6 +59,10 @@ async def _loop_not_blocked(request: pytest.FixtureRequest) -> AsyncIterator[Non
     if not asyncio.iscoroutinefunction(getattr(request.node, "obj", None)):
         yield
         return
+    # What earlier tests left (models, hypothesis data) is frozen out of the collector: late in the
+    # session a full collection of it takes 0.6-0.8 s, a pause of the test process, not of the code.
+    gc.collect()
+    gc.freeze()
     gaps: list[float] = []
 
     async def tick() -> None:

@@ -239,3 +239,15 @@ async def test_refused_guard_jobs_are_counted_by_reason(
         async with aiohttp.ClientSession() as http, http.get(proxy.url + "/metrics") as resp:
             metrics = await resp.text()
     assert 'guardrail_guard_queue_rejections_total{device="cpu",reason="full"} 1.0' in metrics
+
+
+async def test_loaded_models_are_frozen_out_of_the_collector(
+    tmp_path: Path, upstream: FakeUpstream, tiny: TinyModels
+) -> None:
+    """Once the guards are loaded, their objects leave the collector's sight: a full collection
+    would otherwise scan every module of every model, on the event loop."""
+    import gc
+
+    before = gc.get_freeze_count()
+    async with real_proxy(tmp_path, upstream, tiny):
+        assert gc.get_freeze_count() > before
