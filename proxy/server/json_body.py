@@ -1,12 +1,50 @@
-"""Parsing a client's JSON body safely, before anything else reads it: syntax, nesting depth and
+"""Reading and parsing a client's JSON body safely, before anything else reads it: syntax, nesting depth and
 text that no guard (and no UTF-8 upstream) can read are 400s, never a 500 or a guard failure."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from proxy.errors import BadRequest
+from aiohttp import web
+from pydantic import ValidationError
+
+from proxy.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from proxy.protocol import loads
+from proxy.server.connections import read_body
+from proxy.server.state import SETTINGS
+
+
+async def read_request(request: web.Request) -> tuple[bytes, dict[str, Any]]:
+    settings = request.app[SETTINGS]
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType(f"Expected Content-Type application/json, got {request.content_type or 'none'}.")
+    if request.content_length is not None and request.content_length > settings.server.max_body_bytes:
+        raise PayloadTooLarge(f"Request body is larger than {settings.server.max_body_bytes} bytes.")
+    try:
+        raw = await read_body(request)
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise PayloadTooLarge(f"Request body is larger than {settings.server.max_body_bytes} bytes.") from exc
+    return raw, parse_json_object(raw, max_depth=settings.server.max_json_depth)
+
+
+def invalid(exc: ValidationError) -> BadRequest:
+    """The 400 for a request body its wire type does not accept."""
+    first = exc.errors()[0]
+    param = error_param(first["loc"])
+    return BadRequest(f"Invalid value for '{param}': {first['msg']}", param=param or None)
+
+
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "TextPart", "ImagePart", "OtherPart"})
+
+
+def error_param(loc: tuple[int | str, ...]) -> str:
+    """`messages.0.content` from a pydantic location, without union member tags."""
+    parts = []
+    for part in loc:
+        if isinstance(part, str) and (part in _UNION_TAGS or "[" in part or part.startswith("function-")):
+            break
+        parts.append(str(part))
+    return ".".join(parts)
 
 
 def parse_json_object(raw: bytes, *, max_depth: int) -> dict[str, Any]:

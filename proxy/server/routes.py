@@ -11,8 +11,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.errors import BadRequest, NotFound, UnsupportedMediaType
-from proxy.server.chat import CHAT_PATH, chat_completions, relay_unchanged
+from proxy.server.chat import CHAT, chat_completions
 from proxy.server.connections import read_body
+from proxy.server.exchange import relay_unchanged
 from proxy.server.state import METRICS, POLICIES, READINESS, SETTINGS, TENANTS, UPSTREAMS, bind_tenant, record_of
 from proxy.streaming.buffered import hold_body
 from proxy.upstream.relay import Outgoing
@@ -46,11 +47,11 @@ async def models(request: web.Request) -> web.StreamResponse:
     upstreams = request.app[UPSTREAMS]
     name = request.app[SETTINGS].server.models_upstream
     if name is None:
-        route = policy.resolve(CHAT_PATH, None)
+        route = policy.resolve(CHAT.path, None)
         name = route.upstream if route is not None else next(iter(upstreams))
     upstream = upstreams[name]
     record.upstream = name
-    chat_route = policy.resolve(CHAT_PATH, None)
+    chat_route = policy.resolve(CHAT.path, None)
     out = Outgoing(
         path="/models",
         body=b"",
@@ -153,6 +154,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    app.router.add_post(CHAT_PATH, chat_completions)
+    app.router.add_post(CHAT.path, chat_completions)
     app.router.add_get("/v1/models", models)
     app.router.add_route("*", r"/v1/{tail:[\s\S]*}", passthrough)  # any character: safe_path decides
