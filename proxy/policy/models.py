@@ -43,8 +43,14 @@ class LimitSettings(Strict):
 
 
 class MatchSettings(Strict):
-    path: str = "/v1/chat/completions"
+    path: str | tuple[str, ...] = Field(
+        default="/v1/chat/completions",
+        description="a glob of the client's path, or a list of them (any one matches)",
+    )
     model: str = "*"
+
+    def paths(self) -> tuple[str, ...]:
+        return (self.path,) if isinstance(self.path, str) else self.path
 
 
 class RouteSettings(Strict):
@@ -118,7 +124,7 @@ class RouteSettings(Strict):
         return self
 
     def matches(self, path: str, model: str | None) -> bool:
-        if not fnmatch.fnmatchcase(path, self.match.path):
+        if not any(fnmatch.fnmatchcase(path, glob) for glob in self.match.paths()):
             return False
         return model is None or fnmatch.fnmatchcase(model, self.match.model)
 
