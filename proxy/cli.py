@@ -106,7 +106,7 @@ def describe_route(route: object) -> str:
     from proxy.policy.models import RouteSettings
 
     assert isinstance(route, RouteSettings)
-    where = f"{",".join(route.match.paths())} model {route.match.model}"
+    where = f"{','.join(route.match.paths())} model {route.match.model}"
     if route.passthrough:
         return f"{where} -> passthrough to {route.upstream} (unscreened)"
     checks = " ".join(
