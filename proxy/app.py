@@ -13,6 +13,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from proxy import telemetry
 from proxy.guards.guard import Guard, TextGuard
 from proxy.guards.loading import GuardSet
 from proxy.observability import Metrics
@@ -55,6 +56,7 @@ def build_app(
     app[GUARDS] = dict(guards or {})
     app[UPSTREAMS] = dict(upstreams or {})
     app.cleanup_ctx.append(_lifecycle(guards is not None, upstreams is not None))
+    telemetry.setup(app, settings)
     add_routes(app)
     return app
 
@@ -120,6 +122,7 @@ def _watch_caches(metrics: Metrics, name: str, guard: Guard) -> None:
 
         def looked_up(result: str) -> None:
             lookups.labels(name, result).inc()
+            telemetry.note_cache_lookup(result)
 
         verdicts.observe = looked_up
     prefix = getattr(guard, "prefix_cache", None)

@@ -183,6 +183,21 @@ class RunnerSettings(Strict):
     threads: int = Field(default=0, ge=0, description="torch intra-op threads per worker; 0 = all cores but one on cpu")
 
 
+class TelemetrySettings(Strict):
+    """OpenTelemetry traces (the `otel` extra); off unless `enabled`."""
+
+    enabled: bool = False
+    service_name: str = Field(default="guardrail-proxy", min_length=1)
+    endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP traces URL (e.g. http://collector:4318/v1/traces); "
+        "unset: the OTEL_EXPORTER_OTLP_* environment variables decide",
+    )
+    sample_ratio: float = Field(
+        default=1.0, ge=0, le=1, description="fraction of new traces recorded; a client's traceparent decides its own"
+    )
+
+
 class Settings(Strict):
     server: ServerSettings = Field(default_factory=ServerSettings)
     upstreams: dict[str, UpstreamSettings] = Field(min_length=1)
@@ -190,6 +205,7 @@ class Settings(Strict):
     policies_dir: Path = Path("policies")
     guards: dict[str, GuardSettings] = Field(default_factory=dict)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
 
     @field_validator("tenants")
     @classmethod

@@ -16,6 +16,7 @@ from typing import Literal
 
 import structlog
 
+from proxy import telemetry
 from proxy.guards.guard import ConversationGuard, Guard, GuardError, GuardLimitExceeded, ScreenText, TextGuard, Turn
 from proxy.policy.models import DEFAULT_TEXT_ROLES, CheckSettings, RouteSettings
 from proxy.protocol import ChatRequest
@@ -144,6 +145,7 @@ async def _run_check(
     texts: list[ScreenText] | None,
     turns: list[Turn] | None,
 ) -> None:
+    span = telemetry.start_check(result)
     start = time.perf_counter()
     try:
         async with asyncio.timeout(route.guard_timeout_s):
@@ -161,6 +163,8 @@ async def _run_check(
         result.error = f"{type(exc).__name__}: {exc}"
     finally:
         result.latency_ms = (time.perf_counter() - start) * 1000
+        if span is not None:
+            telemetry.end_check(span, result)
 
 
 PlannedCheck = tuple[CheckSettings, Guard, CheckResult, list[ScreenText] | None, list[Turn] | None]

@@ -9,6 +9,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from proxy import telemetry
 from proxy.errors import BadRequest, NotFound, ProxyError, UpstreamError
 from proxy.protocol import error_body
 from proxy.server.state import METRICS, RECORD, Record, loggable
@@ -35,7 +36,8 @@ async def record_middleware(request: web.Request, handler: Handler) -> web.Strea
     request[RECORD] = record
     # Each request runs in its own task (own context): every log line it writes carries these.
     structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(request_id=record.request_id)
+    trace = telemetry.begin_request(request, record.request_id)  # None unless telemetry is on
+    structlog.contextvars.bind_contextvars(request_id=record.request_id, **telemetry.log_fields())
     metrics = request.app[METRICS]
     metrics.in_flight.inc()
     try:
@@ -47,6 +49,8 @@ async def record_middleware(request: web.Request, handler: Handler) -> web.Strea
     finally:
         metrics.in_flight.dec()
         _finish(request, record)
+        if trace is not None:
+            telemetry.end_request(trace, record)
 
 
 async def _handle(request: web.Request, handler: Handler, record: Record) -> web.StreamResponse:

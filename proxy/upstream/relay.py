@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from proxy import telemetry
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.settings import UpstreamSettings
 
@@ -165,15 +166,13 @@ class OpenAIUpstream:
             return f"upstream {self.name} sent nothing for read_timeout_s (read timeout)"
         return f"upstream {self.name} did not answer within its total timeout ({self.settings.total_timeout_s:g} s)"
 
-    @contextlib.asynccontextmanager
-    async def open(self, out: Outgoing) -> AsyncIterator[Reply]:
-        url = self.base_url + out.path
+    async def _send(self, out: Outgoing, headers: dict[str, str]) -> aiohttp.ClientResponse:
         try:
-            resp = await self.session.request(
+            return await self.session.request(
                 out.method,
-                url,
+                self.base_url + out.path,
                 data=out.body if out.method != "GET" else None,
-                headers=self._headers(out),
+                headers=headers,
                 timeout=self._stream_timeout if out.stream else self._json_timeout,
                 allow_redirects=False,  # a redirect would carry the proxy's key to wherever it points
             )
@@ -181,14 +180,22 @@ class OpenAIUpstream:
             raise UpstreamTimeout(self._timed_out(exc)) from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream {self.name} is unreachable: {type(exc).__name__}") from exc
-        if 300 <= resp.status < 400:
-            resp.close()
-            raise UpstreamError(f"upstream {self.name} answered with a redirect ({resp.status}), never followed")
-        try:
-            yield _AiohttpReply(resp, self.name)
-        finally:
-            # Closing (not releasing) drops the connection: an unfinished upstream generation stops.
-            resp.close()
+
+    @contextlib.asynccontextmanager
+    async def open(self, out: Outgoing) -> AsyncIterator[Reply]:
+        headers = self._headers(out)
+        # Traced, the span's own traceparent replaces any the client sent.
+        with telemetry.upstream_call(self.name, out.method, headers) as call:
+            resp = await self._send(out, headers)
+            call.answered(resp.status)
+            if 300 <= resp.status < 400:
+                resp.close()
+                raise UpstreamError(f"upstream {self.name} answered with a redirect ({resp.status}), never followed")
+            try:
+                yield _AiohttpReply(resp, self.name)
+            finally:
+                # Closing (not releasing) drops the connection: an unfinished upstream generation stops.
+                resp.close()
 
 
 def rewrite_body(raw: bytes, payload: dict[str, Any], changes: Mapping[str, Any]) -> bytes:
