@@ -23,6 +23,7 @@ from proxy.server.connections import run_server, track_requests
 from proxy.server.middleware import record_middleware
 from proxy.server.routes import add_routes
 from proxy.server.state import GUARDS, METRICS, POLICIES, READINESS, SETTINGS, TENANTS, UPSTREAMS, Readiness
+from proxy.server.workers import Supervisor, worker_command
 from proxy.settings import Settings
 from proxy.upstream.relay import OpenAIUpstream, Upstream
 from proxy.yaml_source import ConfigError
@@ -190,11 +191,26 @@ def check_open_mode(settings: Settings, host: str) -> None:
     )
 
 
-def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
-    """Run until interrupted. A client disconnect cancels its handler (and so the upstream request)."""
+async def serve(settings: Settings, host: str | None = None, port: int | None = None, *, worker: bool = False) -> int:
+    """Serve until SIGTERM / SIGINT, then drain (proxy/server/shutdown.py); the exit status. A client
+    disconnect cancels its handler (and so the upstream request). `worker`: one of `serve --workers`."""
     host = host or settings.server.host
     check_open_mode(settings, host)
     app = build_app(settings)
     port = port if port is not None else settings.server.port
-    log.info("serving", host=host, port=port)
-    run_server(app, host, port)  # connection cap and header/body deadlines: proxy/server/connections.py
+    log.info("serving", host=host, port=port, worker=worker)
+    # connection cap, header/body deadlines and the drain: proxy/server/connections.py
+    return await run_server(app, host, port, reuse_port=worker, supervised=worker)
+
+
+async def serve_workers(
+    settings: Settings, config: str, workers: int, host: str | None = None, port: int | None = None
+) -> int:
+    """`serve --workers N`: N processes of `serve` on one port (proxy/server/workers.py)."""
+    host = host or settings.server.host
+    check_open_mode(settings, host)
+    port = port if port is not None else settings.server.port
+    if port == 0:
+        raise ConfigError(["--workers needs a fixed port: with port 0 each worker would bind a port of its own"])
+    log.info("serving", host=host, port=port, workers=workers)
+    return await Supervisor(worker_command(config, host, port), workers).run()

@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--host")
     p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int, help="serving processes sharing the port (default: server.workers)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # how --workers starts each one
     p = sub.add_parser("check", help="validate the config and every policy file it references")
     p.add_argument("--config", type=Path, required=True)
     p = sub.add_parser("classify", help="score text with the configured guards under a policy")
@@ -60,14 +62,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from proxy.app import serve
+    from proxy.app import serve, serve_workers
     from proxy.observability import setup_logging
     from proxy.settings import load_settings
 
     settings, _ = load_settings(args.config)
     setup_logging(settings.server.log_level, secrets=configured_secrets(settings))
-    serve(settings, args.host, args.port)
-    return 0
+    workers = args.workers if args.workers is not None else settings.server.workers
+    if workers < 1:
+        raise ConfigError(["--workers must be at least 1"])
+    with asyncio.Runner() as runner:  # the command line is the one place a loop is started
+        if workers > 1 and not args.worker:
+            return runner.run(serve_workers(settings, str(args.config), workers, args.host, args.port))
+        return runner.run(serve(settings, args.host, args.port, worker=args.worker))
 
 
 def configured_secrets(settings: Settings) -> list[str]:

@@ -54,6 +54,17 @@ class ServerSettings(Strict):
     max_connections: int = Field(
         default=1024, ge=1, description="open client connections per process; past it, new ones are closed at once"
     )
+    shutdown_grace_s: float = Field(
+        default=5.0, ge=0, le=3600, description="on SIGTERM: /readyz answers 503 at once, new connections are "
+        "still taken this long (load balancers see the 503 first), then the listening socket closes"
+    )
+    drain_timeout_s: float = Field(
+        default=20.0, ge=0, le=86400, description="after the grace period, requests in flight (held streams "
+        "included) get this long to finish; past it they are cut (a held stream ends with an error event)"
+    )
+    workers: int = Field(
+        default=1, ge=1, le=256, description="serving processes sharing the port (SO_REUSEPORT); `serve --workers`"
+    )
 
 
 class UpstreamSettings(Strict):

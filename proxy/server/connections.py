@@ -8,7 +8,6 @@ in order to refuse it is the work the cap exists to bound (the OpenAI SDK retrie
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import StreamReader, web
@@ -17,7 +16,9 @@ from yarl import URL
 
 from proxy.errors import RequestTimeout
 from proxy.observability import Metrics
+from proxy.server.shutdown import CUT_WAIT_S, DRAIN, Drain, StopSignals, drain_server, drained
 from proxy.server.state import METRICS, SETTINGS
+from proxy.server.workers import watch_parent
 from proxy.settings import ServerSettings
 
 log = structlog.get_logger("proxy.connections")
@@ -149,15 +150,19 @@ class Connection(asyncio.Protocol):
 @web.middleware
 async def track_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Tells the connection a request's headers are complete (the body deadline starts) and when
-    the handler is done (the deadline for the next request's headers starts)."""
+    the handler is done (the deadline for the next request's headers starts); counts the request
+    as in flight for a graceful shutdown (proxy/server/shutdown.py)."""
     connection = connection_of(request)
-    if connection is None:
-        return await handler(request)  # served without a ConnectionSite
-    connection.request_started(request)
+    drain = request.app.get(DRAIN)
+    if connection is not None:
+        connection.request_started(request)
     try:
-        return await handler(request)
+        if drain is None:
+            return await handler(request)  # served without start_server
+        return await drained(request, handler, drain)
     finally:
-        connection.request_finished()
+        if connection is not None:
+            connection.request_finished()
 
 
 def connection_of(request: web.Request) -> Connection | None:
@@ -184,10 +189,13 @@ async def read_body(request: web.Request) -> bytes:
 class ConnectionSite(web.BaseSite):
     """A TCP site like aiohttp's TCPSite, whose connections go through ConnectionLimits."""
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, limits: ConnectionLimits) -> None:
+    def __init__(
+        self, runner: web.BaseRunner, host: str, port: int, limits: ConnectionLimits, *, reuse_port: bool = False
+    ) -> None:
         super().__init__(runner)
         self._host, self._port = host, port
         self._limits = limits
+        self._reuse_port = reuse_port
         self._listening: asyncio.Server | None = None
 
     @property
@@ -207,16 +215,26 @@ class ConnectionSite(web.BaseSite):
         assert server is not None
         limits = self._limits
         self._server = self._listening = await asyncio.get_running_loop().create_server(
-            lambda: Connection(server(), limits), self._host, self._port, backlog=self._backlog
+            lambda: Connection(server(), limits),
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_port=self._reuse_port,
         )
 
 
-async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, ConnectionSite]:
+async def start_server(
+    app: web.Application, host: str, port: int, *, reuse_port: bool = False, shutdown_timeout_s: float = 60.0
+) -> tuple[web.AppRunner, ConnectionSite]:
     """Start `app` on host:port behind the connection limits of its settings; the caller cleans up
-    the runner. Used by `serve` and by the tests, so both run the same server."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    the runner. Used by `serve` and by the tests, so both run the same server. `reuse_port`: several
+    processes share the port (`serve --workers`); `shutdown_timeout_s`: how long the runner's cleanup
+    waits for a request still running before it cancels it."""
+    app[DRAIN] = Drain()
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout_s)
     await runner.setup()
-    site = ConnectionSite(runner, host, port, ConnectionLimits(app[SETTINGS].server, app[METRICS]))
+    limits = ConnectionLimits(app[SETTINGS].server, app[METRICS])
+    site = ConnectionSite(runner, host, port, limits, reuse_port=reuse_port)
     try:
         await site.start()
     except BaseException:
@@ -225,17 +243,20 @@ async def start_server(app: web.Application, host: str, port: int) -> tuple[web.
     return runner, site
 
 
-def run_server(app: web.Application, host: str, port: int) -> None:
-    """Serve until SIGINT or SIGTERM. web.run_app owns the loop and the signals; it runs a shell
-    application with no site of its own (`host=[]`) whose lifecycle serves `app` via start_server."""
-
-    async def lifecycle(_: web.Application) -> AsyncIterator[None]:
-        runner, _site = await start_server(app, host, port)
+async def run_server(
+    app: web.Application, host: str, port: int, *, reuse_port: bool = False, supervised: bool = False
+) -> int:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully (proxy/server/shutdown.py); returns the
+    exit status. `supervised`: a worker of `serve --workers`, which also stops when its parent is gone."""
+    signals = StopSignals()  # before the startup: a stop during it is a stop, not a kill
+    watcher = asyncio.create_task(watch_parent(signals.stop)) if supervised else None
+    try:
+        runner, site = await start_server(app, host, port, reuse_port=reuse_port, shutdown_timeout_s=CUT_WAIT_S)
         try:
-            yield
+            return await drain_server(app, runner, site, await signals.wait())
         finally:
             await runner.cleanup()
-
-    shell = web.Application()
-    shell.cleanup_ctx.append(lifecycle)
-    web.run_app(shell, host=[], print=None, access_log=None)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        signals.remove()

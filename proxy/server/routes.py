@@ -4,6 +4,7 @@ passthrough of other `/v1/*` paths (unscreened, only where a policy route says `
 from __future__ import annotations
 
 import json
+import os
 import re
 import urllib.parse
 
@@ -14,6 +15,7 @@ from proxy.errors import BadRequest, NotFound, UnsupportedMediaType
 from proxy.server.chat import CHAT, chat_completions
 from proxy.server.connections import read_body
 from proxy.server.exchange import relay_unchanged
+from proxy.server.shutdown import DRAIN
 from proxy.server.state import METRICS, POLICIES, READINESS, SETTINGS, TENANTS, UPSTREAMS, bind_tenant, record_of
 from proxy.streaming.buffered import hold_body
 from proxy.upstream.relay import Outgoing
@@ -24,10 +26,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    readiness = request.app[READINESS]
+    """503 while guards load, after they failed, and from the moment a shutdown starts (load
+    balancers stop sending before the listener closes). `pid`: which `--workers` process answered."""
+    readiness, drain = request.app[READINESS], request.app.get(DRAIN)
+    if drain is not None and drain.draining:
+        return web.json_response({"status": "draining", "pid": os.getpid()}, status=503)
     if readiness.ready:
-        return web.json_response({"status": "ready"})
-    body = {"status": "loading" if readiness.error is None else "failed", "error": readiness.error}
+        return web.json_response({"status": "ready", "pid": os.getpid()})
+    body = {"status": "loading" if readiness.error is None else "failed", "error": readiness.error, "pid": os.getpid()}
     return web.json_response(body, status=503)
 
 
