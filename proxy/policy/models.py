@@ -64,6 +64,15 @@ class RouteSettings(Strict):
     )
     mode: Literal["enforce", "monitor"] = "enforce"
     on_block: Literal["refuse", "error"] = "refuse"
+    hold_headers_s: float | None = Field(
+        default=None,
+        ge=0,
+        le=600,
+        description=(
+            "how long a held stream's headers wait for the decision before the first keep-alive sends "
+            "them (default: server.keepalive_interval_s); keep it under the load balancer's idle timeout"
+        ),
+    )
     refusal: str = "I'm sorry, but I can't help with that."
     on_guard_error: Literal["block", "allow"] = "block"
     guard_timeout_s: float = Field(default=10.0, gt=0)

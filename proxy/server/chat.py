@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from proxy.protocol import ChatCompletion, ChatRequest
 from proxy.screening.collect import Reply, choice_text
-from proxy.screening.refusal import refusal_completion, replace_choices
+from proxy.screening.refusal import is_structured, refusal_completion, replace_choices
 from proxy.server.exchange import handle
 from proxy.server.json_body import invalid
 from proxy.streaming.buffered import HeldStream, refusal_stream, replay
@@ -32,24 +32,30 @@ class ChatWire:
             raise invalid(exc) from exc
 
     def refusal(self, chat: ChatRequest, refusal: str, *, id_: str, created: int) -> dict[str, Any]:
-        return refusal_completion(chat.model, refusal, chat.n or 1, id_=id_, created=created)
+        return refusal_completion(
+            chat.model, refusal, chat.n or 1, id_=id_, created=created, structured=is_structured(chat)
+        )
 
     def refusal_stream(self, chat: ChatRequest, refusal: str, *, id_: str, created: int) -> list[bytes]:
-        return refusal_stream(chat.model, refusal, chat.n or 1, id_=id_, created=created)
+        options = (chat.model_extra or {}).get("stream_options")
+        usage = isinstance(options, dict) and options.get("include_usage") is True
+        return refusal_stream(
+            chat.model, refusal, chat.n or 1, id_=id_, created=created, structured=is_structured(chat), usage=usage
+        )
 
     def reply(self, body: bytes) -> tuple[dict[str, Any], list[Reply]]:
         completion_json = parse_completion(body)
         completion = ChatCompletion.model_validate(completion_json)
         return completion_json, [Reply(c.index, choice_text(c)) for c in completion.choices]
 
-    def replace(self, reply: dict[str, Any], blocked: set[int], refusal: str) -> dict[str, Any]:
-        return replace_choices(reply, blocked, refusal)
+    def replace(self, chat: ChatRequest, reply: dict[str, Any], blocked: set[int], refusal: str) -> dict[str, Any]:
+        return replace_choices(reply, blocked, refusal, structured=is_structured(chat))
 
     def held(self, *, max_bytes: int, max_events: int) -> HeldStream:
         return HeldStream(max_bytes=max_bytes, max_events=max_events)
 
-    def replay(self, held: HeldStream, blocked: set[int], refusal: str) -> Iterator[bytes]:
-        return replay(held, blocked, refusal)
+    def replay(self, chat: ChatRequest, held: HeldStream, blocked: set[int], refusal: str) -> Iterator[bytes]:
+        return replay(held, blocked, refusal, structured=is_structured(chat))
 
     async def answered(
         self, request: web.Request, chat: ChatRequest, reply_id: str | None, replies: list[Reply]

@@ -30,7 +30,7 @@ from proxy.server.state import (
 )
 from proxy.server.wire import WireFormat
 from proxy.streaming.buffered import HeldStream, ReplyTooLarge, hold_body
-from proxy.streaming.held_response import SSE_HEADERS, HeldResponse
+from proxy.streaming.held_response import CLIENT_GONE, SSE_HEADERS, HeldResponse
 from proxy.streaming.reply import read_stream
 from proxy.streaming.shape import MalformedReply, unrelayable_status
 from proxy.upstream.relay import Outgoing, Upstream, rewrite_body
@@ -114,9 +114,11 @@ async def answer_input_block(
     if chat.stream:
         response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
         await response.prepare(request)
-        for chunk in wire.refusal_stream(chat, route.refusal, id_=id_, created=created):
-            await response.write(chunk)
-        await response.write_eof()
+        try:
+            await response.write(b"".join(wire.refusal_stream(chat, route.refusal, id_=id_, created=created)))
+            await response.write_eof()
+        except ConnectionError:
+            record_of(request).error = CLIENT_GONE
         return response
     return web.json_response(wire.refusal(chat, route.refusal, id_=id_, created=created), headers=headers)
 
@@ -192,7 +194,7 @@ async def relay_json(call: Call) -> web.StreamResponse:
         reply_id = reply_json.get("id")
         await call.wire.answered(request, call.chat, reply_id if isinstance(reply_id, str) else None, replies)
         return relay_unchanged(200, body, upstream_headers, call.headers, record.decision)
-    replaced = call.wire.replace(reply_json, blocked, route.refusal)
+    replaced = call.wire.replace(call.chat, reply_json, blocked, route.refusal)
     return web.json_response(replaced, headers={**call.headers, "x-guardrail-decision": "block"})
 
 
@@ -228,7 +230,7 @@ async def relay_stream(call: Call) -> web.StreamResponse:
                 return relay_unchanged(reply.status, body, dict(reply.headers), headers, RELAYED_ERROR)
             if incremental:
                 headers = {**headers, "x-guardrail-stream": stream_header(route)}
-            async with HeldResponse(request, headers, interval) as held_response:
+            async with HeldResponse(request, headers, interval, route.hold_headers_s) as held_response:
                 if incremental:
                     return await relay_incremental(call, held_response, reply, started)
                 held = await hold_stream(call, reply)
@@ -276,4 +278,5 @@ async def finish_stream(call: Call, held_response: HeldResponse, held: HeldStrea
         return await held_response.send_error(failure)
     if not blocked:
         await call.wire.answered(request, call.chat, held.id, replies)
-    return await held_response.send(call.wire.replay(held, blocked, route.refusal), record_of(request).decision)
+    events = call.wire.replay(call.chat, held, blocked, route.refusal)
+    return await held_response.send(events, record_of(request).decision)

@@ -11,6 +11,7 @@ from aiohttp import web
 from proxy.errors import ProxyError
 from proxy.policy.models import RouteSettings
 from proxy.screening.collect import Reply
+from proxy.screening.refusal import is_structured
 from proxy.server.decisions import decide_output
 from proxy.server.state import METRICS, SETTINGS, record_of
 from proxy.streaming.held_response import HeldResponse
@@ -48,7 +49,9 @@ async def relay_incremental(
         metrics.holdback_seconds.labels(route.name).observe(seconds)
 
     streamed = StreamedReply(max_bytes=server.max_held_bytes, max_events=server.max_stream_events)
-    release = Release(route.release_tokens, route.release_on == "sentence", route.refusal, chat.n or 1)
+    release = Release(
+        route.release_tokens, route.release_on == "sentence", route.refusal, chat.n or 1, is_structured(chat)
+    )
     relay = IncrementalRelay(streamed, held_response, check, release, observe)
     with reading_upstream(request, record):
         closing = await relay.run(reply.chunks())

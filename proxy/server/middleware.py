@@ -13,7 +13,7 @@ from proxy import telemetry
 from proxy.errors import BadRequest, NotFound, ProxyError, UpstreamError
 from proxy.protocol import error_body
 from proxy.server.state import METRICS, RECORD, Record, loggable
-from proxy.streaming.held_response import HELD, HeldResponse
+from proxy.streaming.held_response import CLIENT_GONE, HELD, HeldResponse
 
 log = structlog.get_logger("proxy.request")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -42,7 +42,8 @@ async def record_middleware(request: web.Request, handler: Handler) -> web.Strea
     metrics.in_flight.inc()
     try:
         response = await _handle(request, handler, record)
-        record.status = response.status
+        # A client that hung up mid-answer got nothing whole: 499, whatever status the headers said.
+        record.status = 499 if record.error == CLIENT_GONE else response.status
         if not response.prepared:
             response.headers["x-request-id"] = record.request_id
         return response

@@ -45,7 +45,7 @@ class WireFormat(Protocol):
         """A 200 reply read: its JSON and each choice's text (MalformedReply when it cannot be read)."""
         ...
 
-    def replace(self, reply: dict[str, Any], blocked: set[int], refusal: str) -> dict[str, Any]:
+    def replace(self, chat: ChatRequest, reply: dict[str, Any], blocked: set[int], refusal: str) -> dict[str, Any]:
         """The reply with its blocked choices refused."""
         ...
 
@@ -53,7 +53,7 @@ class WireFormat(Protocol):
         """An empty held stream that reads this format's events."""
         ...
 
-    def replay(self, held: HeldStream, blocked: set[int], refusal: str) -> Iterator[bytes]:
+    def replay(self, chat: ChatRequest, held: HeldStream, blocked: set[int], refusal: str) -> Iterator[bytes]:
         """The held stream's events as they came, or with its blocked choices refused."""
         ...
 

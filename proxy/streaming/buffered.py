@@ -40,6 +40,11 @@ class HeldStream(StreamedReply):
             yield bytes(self.frames[start:end])
             start = end
 
+    def refused(self, indexes: set[int], refusal: str, *, structured: bool = False) -> list[bytes]:
+        """The events that answer blocked choices with the refusal, in this stream's format (a
+        format's held stream overrides it: proxy/streaming/completions.py)."""
+        return refusal_events(self, indexes, refusal, structured=structured)
+
 
 async def hold(chunks: AsyncIterator[bytes], *, max_bytes: int, max_events: int) -> HeldStream:
     """Read the upstream stream to `[DONE]`; an error event raises UpstreamReported, a cap
@@ -59,7 +64,7 @@ async def hold_body(chunks: AsyncIterator[bytes], max_bytes: int) -> bytes:
     return bytes(body)
 
 
-def replay(held: HeldStream, blocked: set[int], refusal: str) -> Iterator[bytes]:
+def replay(held: HeldStream, blocked: set[int], refusal: str, *, structured: bool = False) -> Iterator[bytes]:
     """The bytes to send: upstream events as they came, blocked choices' deltas removed and each
     blocked choice answered with a refusal (role, content, finish_reason content_filter)."""
     if not blocked:
@@ -71,18 +76,18 @@ def replay(held: HeldStream, blocked: set[int], refusal: str) -> Iterator[bytes]
         data = data_of(frame)
         if data.strip() == "[DONE]":
             if not refused:
-                yield from refusal_events(held, blocked, refusal)
+                yield from held.refused(blocked, refusal, structured=structured)
                 refused = True
             yield frame
             continue
         chunk = json.loads(data)  # read and checked once already
         if not chunk.get("choices") and not refused:  # the usage chunk comes after every choice finished
-            yield from refusal_events(held, blocked, refusal)
+            yield from held.refused(blocked, refusal, structured=structured)
             refused = True
         if (kept := cut_choices(chunk, frame, blocked)) is not None:
             yield kept
     if not refused:
-        yield from refusal_events(held, blocked, refusal)
+        yield from held.refused(blocked, refusal, structured=structured)
 
 
 def cut_choices(chunk: dict[str, Any], frame: bytes, blocked: set[int]) -> bytes | None:
@@ -95,18 +100,25 @@ def cut_choices(chunk: dict[str, Any], frame: bytes, blocked: set[int]) -> bytes
     return encode({**chunk, "choices": kept}) if kept else None
 
 
-def refusal_events(reply: StreamedReply, indexes: set[int], refusal: str, *, role: bool = True) -> list[bytes]:
+def refusal_events(
+    reply: StreamedReply, indexes: set[int], refusal: str, *, role: bool = True, structured: bool = False
+) -> list[bytes]:
     base = {
         "id": reply.id or "chatcmpl-guardrail",
         "object": "chat.completion.chunk",
         "created": reply.created or 0,
         "model": reply.model or "",
+        "system_fingerprint": reply.fingerprint,
     }
-    return refusal_chunks(base, sorted(indexes), refusal, role=role)
+    return refusal_chunks(base, sorted(indexes), refusal, role=role, structured=structured)
 
 
-def refusal_chunks(base: dict[str, Any], indexes: list[int], refusal: str, *, role: bool = True) -> list[bytes]:
-    """Per choice: a role chunk (unless the client already has one), the refusal, `content_filter`."""
+def refusal_chunks(
+    base: dict[str, Any], indexes: list[int], refusal: str, *, role: bool = True, structured: bool = False
+) -> list[bytes]:
+    """Per choice: a role chunk (unless the client already has one), the refusal (in `refusal` for a
+    structured-output request, see proxy/screening/refusal.py), the finish reason."""
+    field, finish = ("refusal", "stop") if structured else ("content", "content_filter")
     out = []
     for i in indexes:
         if role:
@@ -129,18 +141,27 @@ def refusal_chunks(base: dict[str, Any], indexes: list[int], refusal: str, *, ro
             encode(
                 {
                     **base,
-                    "choices": [{"index": i, "delta": {"content": refusal}, "logprobs": None, "finish_reason": None}],
+                    "choices": [{"index": i, "delta": {field: refusal}, "logprobs": None, "finish_reason": None}],
                 }
             )
         )
         out.append(
             encode(
-                {**base, "choices": [{"index": i, "delta": {}, "logprobs": None, "finish_reason": "content_filter"}]}
+                {**base, "choices": [{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish}]}
             )
         )
     return out
 
 
-def refusal_stream(model: str, refusal: str, n: int, *, id_: str, created: int) -> list[bytes]:
+def refusal_stream(
+    model: str, refusal: str, n: int, *, id_: str, created: int, structured: bool = False, usage: bool = False
+) -> list[bytes]:
+    """A blocked input's whole stream; with `usage` (the client's `stream_options.include_usage`)
+    the usage chunk the client waits for, as an upstream sends it."""
     base = {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model}
-    return [*refusal_chunks(base, list(range(n)), refusal), DONE]
+    base["system_fingerprint"] = None
+    chunks = refusal_chunks(base, list(range(n)), refusal, structured=structured)
+    if usage:
+        nothing = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        chunks.append(encode({**base, "choices": [], "usage": nothing}))
+    return [*chunks, DONE]

@@ -10,13 +10,14 @@ block or later in the handler (the middleware hands it over), becomes one final 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterable, Iterator
 from types import TracebackType
 
 import structlog
 from aiohttp import web
 
-from proxy.errors import ProxyError
+from proxy.errors import PolicyViolation, ProxyError
 from proxy.streaming.sse import DONE, KEEPALIVE, encode
 
 log = structlog.get_logger("proxy.stream")
@@ -27,13 +28,19 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 WRITE_PIECE_BYTES = 64 * 1024
+CLIENT_GONE = "client_disconnected"
+"""The record's error when the client hung up mid-answer: logged and counted with status 499."""
 
 
 class HeldResponse:
-    def __init__(self, request: web.Request, headers: dict[str, str], interval_s: float) -> None:
+    def __init__(
+        self, request: web.Request, headers: dict[str, str], interval_s: float, first_s: float | None = None
+    ) -> None:
         self.request = request
         self.headers = {**SSE_HEADERS, **headers}
         self.interval_s = interval_s
+        self.first_s = interval_s if first_s is None else first_s
+        """How long the headers wait for the decision before the first keep-alive sends them."""
         self.response: web.StreamResponse | None = None
         self.keepalives_sent = 0
         self.failure: str | None = None
@@ -57,7 +64,7 @@ class HeldResponse:
 
     async def __aenter__(self) -> HeldResponse:
         self.request[HELD] = self
-        self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._start_keepalive)
+        self._timer = asyncio.get_running_loop().call_later(self.first_s, self._start_keepalive)
         return self
 
     def _start_keepalive(self) -> None:
@@ -125,10 +132,14 @@ class HeldResponse:
         return response
 
     async def send_error(self, error: ProxyError) -> web.StreamResponse:
-        """Before the headers: a normal JSON error. After: one final error event, then [DONE]."""
+        """Before the headers: a normal JSON error. After: the decision as a comment (as `send` says
+        it), then one final error event with the same envelope and code as the JSON error, then [DONE]."""
         await self.stop_keepalive()
         if self.response is None:
             raise error
+        decision = "block" if isinstance(error, PolicyViolation) else "error"
+        with contextlib.suppress(ConnectionError):  # `fail` below records the disconnect
+            await self.response.write(f": x-guardrail-decision={decision}\n\n".encode())
         return await self.fail(error)
 
     async def fail(self, exc: BaseException) -> web.StreamResponse:
@@ -140,7 +151,7 @@ class HeldResponse:
             return response
         self._finished = True
         if isinstance(exc, ConnectionError):
-            self.failure = "client_disconnected"
+            self.failure = CLIENT_GONE
             return response
         if isinstance(exc, ProxyError):
             error = exc
@@ -152,7 +163,7 @@ class HeldResponse:
             await response.write(encode(error.body()) + DONE)
             await response.write_eof()
         except ConnectionError:
-            self.failure = "client_disconnected"
+            self.failure = CLIENT_GONE
         return response
 
 

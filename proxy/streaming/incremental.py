@@ -52,6 +52,8 @@ class Release:
     refusal: str
     choices: int
     """The `n` the client asked for: the stream ends once every choice is blocked."""
+    structured: bool = False
+    """A structured-output request: the refusal goes in the `refusal` field (proxy/screening/refusal.py)."""
 
 
 @dataclass(slots=True)
@@ -180,7 +182,13 @@ class IncrementalRelay:
         """The events that end newly blocked choices (a role chunk only where the client has none)."""
         frames = []
         for index in newly:
-            frames += refusal_events(self.reply, {index}, self.release.refusal, role=index not in self._shown)
+            frames += refusal_events(
+                self.reply,
+                {index},
+                self.release.refusal,
+                role=index not in self._shown,
+                structured=self.release.structured,
+            )
         self._shown.update(newly)
         return frames
 

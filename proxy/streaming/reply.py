@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from proxy.errors import UpstreamError
 from proxy.protocol import error_body, loads
@@ -115,7 +115,11 @@ class StreamedReply:
     model: str | None = None
     id: str | None = None
     created: int | None = None
+    fingerprint: str | None = None
+    """The upstream's `system_fingerprint`, which the proxy's own chunks carry too."""
     _sse: EventReader = field(default_factory=EventReader)
+    END: ClassVar[str] = "[DONE]"
+    """What ends the stream, for the error that says it never came."""
 
     def replies(self) -> list[Reply]:
         return [Reply(index, c.text()) for index, c in sorted(self.choices.items())]
@@ -143,11 +147,16 @@ class StreamedReply:
             if event.data is None:
                 yield event, []  # a comment or a bare field: never relayed, but read
             elif event.done:
-                self.done = True
+                self.finish()
                 yield event, []
                 return
             else:
                 yield event, self._read(_parse(event.data))
+
+    def finish(self) -> None:
+        """`data: [DONE]` ends a chat stream. A format that ends on an event of its own (the Responses
+        API's `response.completed`) sets `done` in `_read` and refuses a [DONE] before it here."""
+        self.done = True
 
     def _read(self, chunk: dict[str, Any]) -> list[Added]:
         if chunk.get("error") is not None:
@@ -158,6 +167,8 @@ class StreamedReply:
             self.id = self.id or chunk["id"]
         if type(chunk.get("created")) is int:
             self.created = self.created or chunk["created"]
+        if isinstance(chunk.get("system_fingerprint"), str):
+            self.fingerprint = self.fingerprint or chunk["system_fingerprint"]
         # Where a fault is, named without the choice's position: building that name per delta is
         # most of the cost of reading one.
         at, in_delta = "choices[]", "choices[].delta"
@@ -235,7 +246,7 @@ async def read_stream(
             return
     if await _take_all(reply, reply.close(), take):
         return
-    raise MalformedStream("upstream stream ended before [DONE]")
+    raise MalformedStream(f"upstream stream ended before {reply.END}")
 
 
 async def _take_all(
