@@ -22,9 +22,20 @@ from proxy.server.auth import Tenants
 from proxy.server.connections import run_server, track_requests
 from proxy.server.middleware import record_middleware
 from proxy.server.routes import add_routes
-from proxy.server.state import GUARDS, METRICS, POLICIES, READINESS, SETTINGS, TENANTS, UPSTREAMS, Readiness
+from proxy.server.state import (
+    GUARDS,
+    METRICS,
+    POLICIES,
+    READINESS,
+    RESPONSE_STATE,
+    SETTINGS,
+    TENANTS,
+    UPSTREAMS,
+    Readiness,
+)
 from proxy.server.workers import Supervisor, worker_command
 from proxy.settings import Settings
+from proxy.state import build_store
 from proxy.upstream.relay import OpenAIUpstream, Upstream
 from proxy.yaml_source import ConfigError
 
@@ -65,6 +76,7 @@ def build_app(
 def _lifecycle(guards_injected: bool, upstreams_injected: bool) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
+        app[RESPONSE_STATE] = build_store(settings.state, app[METRICS])
         session = aiohttp.ClientSession(auto_decompress=True)
         if not upstreams_injected:
             app[UPSTREAMS] = build_upstreams(settings, session)
@@ -96,6 +108,7 @@ def _lifecycle(guards_injected: bool, upstreams_injected: bool) -> Callable[[web
             if guard_set is not None:
                 await guard_set.stop()
             await session.close()
+            await app[RESPONSE_STATE].close()
 
     return lifecycle
 

@@ -233,6 +233,36 @@ class Metrics:
         self.policy_reload_failures = Gauge(
             "guardrail_policy_reload_failures", "Policy reloads rejected since start", registry=r
         )
+        self.response_state_entries = Gauge(
+            "guardrail_response_state_entries", "Responses whose screened turns the in-process store holds", registry=r
+        )
+        self.response_state_bytes = Gauge(
+            "guardrail_response_state_bytes", "Bytes (JSON) of screened turns the in-process store holds", registry=r
+        )
+        self.response_state_lookups = Counter(
+            "guardrail_response_state_lookups",
+            "Response state lookups by result (hit, miss: unknown, expired or evicted id)",
+            ["result"],
+            registry=r,
+        )
+        self.response_state_evictions = Counter(
+            "guardrail_response_state_evictions",
+            "In-process response state entries dropped, by reason (ttl, lru, bytes)",
+            ["reason"],
+            registry=r,
+        )
+        self.response_state_trimmed_turns = Counter(
+            "guardrail_response_state_trimmed_turns",
+            "Oldest turns dropped (or a turn cut to its tail) to keep a chain within the entry bounds",
+            registry=r,
+        )
+        self.response_state_errors = Counter(
+            "guardrail_response_state_errors",
+            "Response state operations that failed (Redis down, timeout, unreadable value), by op; "
+            "a failed get answers unknown",
+            ["op"],
+            registry=r,
+        )
         self.open_connections = Gauge("guardrail_open_connections", "Client connections open now", registry=r)
         self.connections_rejected = Counter(
             "guardrail_connections_rejected",

@@ -209,6 +209,34 @@ class TelemetrySettings(Strict):
     )
 
 
+class StateSettings(Strict):
+    """Screened turns kept per Responses-API response (proxy/state), so a `previous_response_id` or
+    `conversation` turn is judged with its context."""
+
+    ttl_s: int = Field(default=3600, ge=1, description="seconds an entry is kept after its last write")
+    max_entries: int = Field(default=10_000, ge=1, description="in-process store: most entries (LRU)")
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="in-process store: most bytes of entries")
+    max_turns_per_entry: int = Field(default=64, ge=1, description="most turns of one chain; older ones are dropped")
+    max_entry_bytes: int = Field(
+        default=64 * 1024, ge=256, description="most bytes of one chain's JSON; older turns are dropped"
+    )
+    redis_url: str | None = Field(
+        default=None, description="redis://, rediss:// or unix:// URL (or env:NAME): replicas share the state"
+    )
+    redis_timeout_s: float = Field(default=0.5, gt=0, le=30, description="bound on one store operation")
+    redis_max_connections: int = Field(default=64, ge=1)
+    redis_key_prefix: str = Field(default="guardrail:response:", max_length=64)
+
+    @model_validator(mode="after")
+    def _check(self) -> StateSettings:
+        if self.max_entry_bytes > self.max_bytes:
+            raise ValueError("max_entry_bytes must not exceed max_bytes")
+        url = self.redis_url
+        if url is not None and not url.startswith(("env:", "redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must start with redis://, rediss://, unix:// or env:")
+        return self
+
+
 class Settings(Strict):
     server: ServerSettings = Field(default_factory=ServerSettings)
     upstreams: dict[str, UpstreamSettings] = Field(min_length=1)
@@ -216,6 +244,7 @@ class Settings(Strict):
     policies_dir: Path = Path("policies")
     guards: dict[str, GuardSettings] = Field(default_factory=dict)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
+    state: StateSettings = Field(default_factory=StateSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
 
     @field_validator("tenants")

@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.errors import BadRequest, NotFound, UnsupportedMediaType
 from proxy.server.chat import CHAT, chat_completions
+from proxy.server.completions import COMPLETIONS, completions
 from proxy.server.connections import read_body
 from proxy.server.exchange import relay_unchanged
 from proxy.server.shutdown import DRAIN
@@ -161,5 +162,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_post(CHAT.path, chat_completions)
+    app.router.add_post(COMPLETIONS.path, completions)
     app.router.add_get("/v1/models", models)
     app.router.add_route("*", r"/v1/{tail:[\s\S]*}", passthrough)  # any character: safe_path decides

@@ -16,6 +16,7 @@ from proxy.observability import Metrics
 from proxy.policy.store import PolicyStore
 from proxy.server.auth import Tenants
 from proxy.settings import Settings
+from proxy.state import ResponseStore
 from proxy.upstream.relay import Upstream
 
 
@@ -32,6 +33,7 @@ UPSTREAMS = web.AppKey("upstreams", dict[str, Upstream])
 METRICS = web.AppKey("metrics", Metrics)
 TENANTS = web.AppKey("tenants", Tenants)
 READINESS = web.AppKey("readiness", Readiness)
+RESPONSE_STATE = web.AppKey("response_state", ResponseStore)
 
 
 @dataclass
