@@ -110,7 +110,7 @@ GuardFamily = Literal[
 
 class GuardSettings(Strict):
     family: GuardFamily
-    backend: Literal["transformers", "openai", "llama-cpp"] = "transformers"
+    backend: Literal["transformers", "openai", "llama-cpp", "tei"] = "transformers"
     model: str = Field(min_length=1, description="hub id, local directory, GGUF file, or remote model name")
     revision: str | None = None
     device: str = "cpu"
@@ -155,13 +155,21 @@ class GuardSettings(Strict):
     api_key: str | None = None
     timeout_s: float = Field(default=30.0, gt=0)
     tokenizer: str | None = None
+    max_client_batch_size: int = Field(
+        default=32, ge=1, description="tei: most windows in one /predict call (TEI's --max-client-batch-size)"
+    )
+    max_connections: int = Field(
+        default=32, ge=1, description="tei: most /predict calls in flight to the server; more wait their turn"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> GuardSettings:
-        if self.backend == "openai" and not self.base_url:
-            raise ValueError("base_url is required for backend: openai")
-        if self.backend != "transformers" and self.is_prompt_guard:
-            raise ValueError("Prompt Guard runs on the transformers backend only")
+        if self.backend in ("openai", "tei") and not self.base_url:
+            raise ValueError(f"base_url is required for backend: {self.backend}")
+        if self.backend not in ("transformers", "tei") and self.is_prompt_guard:
+            raise ValueError("Prompt Guard runs on the transformers or tei backend only")
+        if self.backend == "tei" and not self.is_prompt_guard:
+            raise ValueError("backend: tei serves Prompt Guard only (Llama Guard remote: backend: openai)")
         if self.quantize == "int8" and (self.backend != "transformers" or not self.device.startswith("cpu")):
             raise ValueError("quantize: int8 runs on the transformers backend on device cpu only")
         if self.window_overlap_tokens >= self.window_tokens - 2:

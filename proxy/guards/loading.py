@@ -20,6 +20,10 @@ def build_guard(
         from proxy.guards.gguf import GGUFLlamaGuard
 
         return GGUFLlamaGuard(name, settings, runner)
+    if settings.backend == "tei":
+        from proxy.guards.tei import TeiPromptGuard
+
+        return TeiPromptGuard(name, settings, runner)
     if settings.is_prompt_guard:
         from proxy.guards.prompt_guard import PromptGuard
 

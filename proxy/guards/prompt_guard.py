@@ -14,6 +14,7 @@ third-party text (reference §3.2).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from proxy.guards.guard import GuardError, GuardLimitExceeded, ScreenText, TextScore, tokens_at_least
@@ -23,18 +24,20 @@ from proxy.guards.verdict_cache import VerdictCache, digest_text
 from proxy.settings import GuardSettings
 
 
+def window_starts(count: int, size: int, overlap: int) -> list[int]:
+    """Where each window of `windows` starts in a sequence of `count` ids."""
+    if count <= size:
+        return [0]
+    step = size - overlap
+    out = [0]
+    while out[-1] + size < count:
+        out.append(out[-1] + step)
+    return out
+
+
 def windows(ids: list[int], size: int, overlap: int) -> list[list[int]]:
     """Consecutive slices of `size` ids, each starting `size - overlap` after the previous, covering all."""
-    if len(ids) <= size:
-        return [ids]
-    step = size - overlap
-    out = []
-    start = 0
-    while True:
-        out.append(ids[start : start + size])
-        if start + size >= len(ids):
-            return out
-        start += step
+    return [ids[start : start + size] for start in window_starts(len(ids), size, overlap)]
 
 
 def normalize_whitespace(text: str, tokenize: Any) -> str:
@@ -70,6 +73,78 @@ def normalize_whitespace(text: str, tokenize: Any) -> str:
         return text
 
 
+@dataclass(frozen=True)
+class Classes:
+    """Which class probabilities make a text's score (reference §3.2), read from the model's config."""
+
+    three_labels: bool
+    injection: int
+    jailbreak: int
+
+    @classmethod
+    def from_config(cls, config: Any, settings: GuardSettings, name: str) -> Classes:
+        labels = {k.upper(): v for k, v in (config.label2id or {}).items()}
+        three_labels = settings.family == "prompt-guard-1"
+        if three_labels and config.num_labels != 3:
+            raise GuardError(f"guard {name!r}: prompt-guard-1 needs 3 labels, the model has {config.num_labels}")
+        return cls(three_labels, labels.get("INJECTION", 1), labels.get("JAILBREAK", 2))
+
+    def value(self, probs: list[float], source: str) -> float:
+        if not self.three_labels:
+            return probs[1]
+        if source == "user":
+            return float(probs[self.jailbreak])
+        return float(probs[self.injection] + probs[self.jailbreak])
+
+
+class Windowing:
+    """A request's texts -> windows of token ids, with the caps; every Prompt Guard backend (in process,
+    TEI) windows through this one class, so a text is cut the same way wherever it is scored."""
+
+    def __init__(self, tokenizer: Any, settings: GuardSettings, name: str) -> None:
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.name = name
+        self.size = settings.window_tokens - 2  # CLS and SEP are added around each window
+        self.overlap = min(settings.window_overlap_tokens, self.size - 1)
+
+    def prepare(self, text: str) -> str:
+        """The text exactly as the tokenizer is given it."""
+        if self.settings.normalize_whitespace:
+            return normalize_whitespace(text, self.tokenizer.tokenize)
+        return text
+
+    def ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(self.prepare(text), add_special_tokens=False, verbose=False).input_ids)
+
+    def plan(self, requests: list[tuple[ScreenText, ...]]) -> list[list[list[list[int]]] | Exception]:
+        """Each request's windows per text, or that request's own error (unencodable text, caps)."""
+        return [self._plan_one(texts) for texts in requests]
+
+    def _plan_one(self, texts: tuple[ScreenText, ...]) -> list[list[list[int]]] | Exception:
+        limit, total = self.settings.token_limit, 0
+        out: list[list[list[int]]] = []
+        for number, text in enumerate(texts):
+            try:
+                head = tokens_at_least(lambda t: len(self.ids(t)), text.text, limit - total)
+                if head is not None:
+                    return GuardLimitExceeded("the request's text", total + head, limit, self.name, at_least=True)
+                ids = self.ids(text.text)
+            except Exception as exc:  # the tokenizer's own error types; the text itself is never quoted
+                return GuardError(f"guard {self.name!r}: text {number} cannot be tokenized ({type(exc).__name__})")
+            total += len(ids)
+            if total > limit:
+                return GuardLimitExceeded("the request's text", total, limit, self.name)
+            wins = windows(ids, self.size, self.overlap)
+            if len(wins) > self.settings.max_windows:
+                return GuardError(
+                    f"guard {self.name!r}: text {number} needs {len(wins)} windows, "
+                    f"over max_windows={self.settings.max_windows}"
+                )
+            out.append(wins)
+        return out
+
+
 class _Model:
     def __init__(self, settings: GuardSettings, name: str) -> None:
         import torch
@@ -91,20 +166,15 @@ class _Model:
         self.torch = torch
         self.settings = settings
         self.name = name
-        labels = {k.upper(): v for k, v in (model.config.label2id or {}).items()}
-        self.three_labels = settings.family == "prompt-guard-1"
-        if self.three_labels and model.config.num_labels != 3:
-            raise GuardError(f"guard {name!r}: prompt-guard-1 needs 3 labels, the model has {model.config.num_labels}")
-        self.injection = labels.get("INJECTION", 1)
-        self.jailbreak = labels.get("JAILBREAK", 2)
+        self.classes = Classes.from_config(model.config, settings, name)
+        self.windowing = Windowing(self.tokenizer, settings, name)
+        self.plan = self.windowing.plan
         self.cls = self.tokenizer.cls_token_id
         self.sep = self.tokenizer.sep_token_id
         self.pad = self.tokenizer.pad_token_id or 0
 
     def _ids(self, text: str) -> list[int]:
-        if self.settings.normalize_whitespace:
-            text = normalize_whitespace(text, self.tokenizer.tokenize)
-        return list(self.tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
+        return self.windowing.ids(text)
 
     def _forward(self, wins: list[list[int]]) -> Any:
         """Class probabilities for windows (CLS + ids + SEP), padded to the longest of them."""
@@ -120,35 +190,6 @@ class _Model:
             logits = self.model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device)).logits
             return torch.softmax(logits.float() / self.settings.temperature, dim=-1).cpu()
 
-    def plan(self, requests: list[tuple[ScreenText, ...]]) -> list[list[list[list[int]]] | Exception]:
-        """Each request's windows per text, or that request's own error (unencodable text, caps)."""
-        return [self._plan_one(texts) for texts in requests]
-
-    def _plan_one(self, texts: tuple[ScreenText, ...]) -> list[list[list[int]]] | Exception:
-        size = self.settings.window_tokens - 2
-        overlap = min(self.settings.window_overlap_tokens, size - 1)
-        limit, total = self.settings.token_limit, 0
-        out: list[list[list[int]]] = []
-        for number, text in enumerate(texts):
-            try:
-                head = tokens_at_least(lambda t: len(self._ids(t)), text.text, limit - total)
-                if head is not None:
-                    return GuardLimitExceeded("the request's text", total + head, limit, self.name, at_least=True)
-                ids = self._ids(text.text)
-            except Exception as exc:  # the tokenizer's own error types; the text itself is never quoted
-                return GuardError(f"guard {self.name!r}: text {number} cannot be tokenized ({type(exc).__name__})")
-            total += len(ids)
-            if total > limit:
-                return GuardLimitExceeded("the request's text", total, limit, self.name)
-            wins = windows(ids, size, overlap)
-            if len(wins) > self.settings.max_windows:
-                return GuardError(
-                    f"guard {self.name!r}: text {number} needs {len(wins)} windows, "
-                    f"over max_windows={self.settings.max_windows}"
-                )
-            out.append(wins)
-        return out
-
     def forward(self, wins: list[list[int]]) -> list[list[float]]:
         """Class probabilities of each window, `forward_batch` windows per forward pass."""
         step = self.settings.forward_batch
@@ -158,11 +199,7 @@ class _Model:
         return out
 
     def value(self, probs: list[float], source: str) -> float:
-        if not self.three_labels:
-            return probs[1]
-        if source == "user":
-            return float(probs[self.jailbreak])
-        return float(probs[self.injection] + probs[self.jailbreak])
+        return self.classes.value(probs, source)
 
 
 class PromptGuard:
@@ -191,9 +228,7 @@ class PromptGuard:
 
     async def score_texts(self, texts: list[ScreenText]) -> list[TextScore]:
         """Texts scored before (same tenant, text and source) come from the verdict cache; the rest
-        are scored together and remembered."""
-        if self._model is None:
-            raise GuardError(f"guard {self.name!r} is not loaded")
+        are scored together (`_score_uncached`, which a remote backend replaces) and remembered."""
         tenant = current_tenant.get()
         keys = [(tenant, digest_text(t.text), t.source) for t in texts]
         known = [self.verdicts.get(key) for key in keys]
