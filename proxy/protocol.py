@@ -72,6 +72,11 @@ class ChatRequest(Wire):
     stream: bool | None = None
     n: int | None = Field(default=None, ge=1, le=128)
 
+    def for_choice(self, index: int) -> ChatRequest:
+        """The request a reply choice answers, which its output check judges it with: this one (a
+        legacy completion with several prompts answers each prompt with its own choices)."""
+        return self
+
 
 class ChoiceMessage(Wire):
     role: str | None = None

@@ -255,7 +255,8 @@ def _decisive(result: CheckResult, fail_closed: bool) -> bool:
 async def screen_replies(
     route: RouteSettings, guards: Mapping[str, Guard], request: ChatRequest, replies: Sequence[Reply]
 ) -> dict[int, Verdict]:
-    verdicts = await asyncio.gather(*(screen(route, guards, request, reply) for reply in replies))
+    # Each choice is judged with the request it answers (a legacy completion's own prompt).
+    verdicts = await asyncio.gather(*(screen(route, guards, request.for_choice(r.index), r) for r in replies))
     return {reply.index: verdict for reply, verdict in zip(replies, verdicts, strict=True)}
 
 

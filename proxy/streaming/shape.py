@@ -148,6 +148,20 @@ def check_completion(body: Any) -> None:
         tool_calls_of(message, f"{at}.message", indexed=False)
 
 
+def reply_object(body: bytes) -> dict[str, Any]:
+    """A 200 reply's JSON object, of any wire format (MalformedReply when it is not JSON, not an
+    object, or carries an error)."""
+    try:
+        reply = loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise MalformedReply("the reply is not JSON") from exc
+    if not isinstance(reply, dict):
+        raise MalformedReply("the reply is not a JSON object")
+    if reply.get("error") is not None:
+        raise MalformedReply("a 200 reply carries an error")
+    return reply
+
+
 def parse_completion(body: bytes) -> Any:
     """A JSON reply's body parsed and its shape checked (MalformedReply otherwise)."""
     try:

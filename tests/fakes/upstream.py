@@ -11,6 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.completions import text_chunks, text_completion
+
 
 @dataclass
 class Received:
@@ -52,6 +54,7 @@ class FakeUpstream:
     async def start(self) -> FakeUpstream:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._chat)  # legacy: tests/fakes/completions.py
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_route("*", "/v1/files/{tail:.*}", self._files)
@@ -117,7 +120,8 @@ class FakeUpstream:
                 return web.Response(body=b"<html>not json</html>", content_type="application/json")
             if body.get("stream"):
                 return await self._stream(request, body)
-            payload = json.dumps(self.completion(body)).encode()
+            legacy = request.path == "/v1/completions"
+            payload = json.dumps(text_completion(self.replies, body) if legacy else self.completion(body)).encode()
             self.sent += payload
             return web.Response(body=payload, content_type="application/json")
         except asyncio.CancelledError:
@@ -224,7 +228,7 @@ class FakeUpstream:
     async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        chunks = self.chunks(body)
+        chunks = text_chunks(self.replies, body) if request.path == "/v1/completions" else self.chunks(body)
         for k, chunk in enumerate(chunks):
             if k == 2 and self.mode == "midstream_error":
                 chunk = b'data: {"error": {"message": "overloaded mid-stream", "type": "server_error"}}\n\n'
