@@ -108,6 +108,21 @@ class ConversationScore:
     """The model named codes and every one of them is excluded: counts as safe."""
 
 
+@dataclass(frozen=True)
+class CodeScore:
+    category: Category
+    probability: float
+    """P(the first code the model names after `unsafe` is this one), for a code the prompt lists."""
+
+
+@dataclass(frozen=True)
+class CategoryScores:
+    """A verdict with the distribution of its first category code (the moderation endpoint's scores)."""
+
+    verdict: ConversationScore
+    codes: tuple[CodeScore, ...]
+
+
 @runtime_checkable
 class TextGuard(Protocol):
     name: str
@@ -125,6 +140,17 @@ class ConversationGuard(Protocol):
         """`categories_from`: read categories when the score reaches this value (the lowest
         threshold in use), so a block below 0.5 still names its categories."""
         ...
+
+
+@runtime_checkable
+class CategoryGuard(Protocol):
+    """A ConversationGuard that can also give the probability of each listed category code."""
+
+    name: str
+
+    async def score_categories(
+        self, turns: list[Turn], taxonomy: Taxonomy, *, categories_from: float = 0.5
+    ) -> CategoryScores: ...
 
 
 Guard = TextGuard | ConversationGuard

@@ -30,9 +30,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.guards.guard import ConversationScore, GuardError, GuardLimitExceeded, Taxonomy, Turn, tokens_at_least
+from proxy.guards.guard import (
+    CategoryScores,
+    CodeScore,
+    ConversationScore,
+    GuardError,
+    GuardLimitExceeded,
+    Taxonomy,
+    Turn,
+    tokens_at_least,
+)
 from proxy.guards.hub import explain, load_kwargs, pick_dtype, quantize, quiet_transformers
-from proxy.guards.llama_guard_prompt import FAMILIES, Family, build, encode_hf, read_categories, read_verdict
+from proxy.guards.llama_guard_codes import CodeTokens, first_code_probabilities
+from proxy.guards.llama_guard_prompt import (
+    FAMILIES,
+    Family,
+    build,
+    categories_for,
+    encode_hf,
+    read_categories,
+    read_verdict,
+)
 from proxy.guards.prefix_cache import PrefixCache, batch_past, gather, one_sequence
 from proxy.guards.runner import GuardRunner, current_tenant
 from proxy.guards.verdict_cache import VerdictCache, digest_ids
@@ -48,6 +66,8 @@ class _Item:
     taxonomy: Taxonomy
     categories_from: float
     tenant: str | None = None
+    recall: bool = True
+    """Whether the verdict cache may answer (not for a category distribution, which it does not keep)."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +127,7 @@ class _Model:
         self.torch = torch
         self.prefix = prefix
         self.verdicts = verdicts
+        self._codes: CodeTokens | None = None
         vocab = self.tokenizer.get_vocab()
         self.safe_ids = self._verdict_ids(vocab, "safe")
         self.unsafe_ids = self._verdict_ids(vocab, "unsafe")
@@ -185,7 +206,7 @@ class _Model:
             return GuardLimitExceeded("the conversation", len(ids), limit, self.name)
         if pixels:
             return _Prompt(item, ids, pixels)
-        found = self._recall(item, ids)
+        found = self._recall(item, ids) if item.recall else None
         if found is not None:
             return found
         cached = self.prefix.peek(item.tenant, ids) if self.prefix.enabled else 0
@@ -323,18 +344,20 @@ class _Model:
             results.append(ConversationScore(unsafe, binary, mass, categories=kept, all_excluded=all_excluded))
         return results
 
-    def prefill(self, state: _Prefill) -> ConversationScore | None:
-        """Feed the next `step_tokens` of a long prompt into its cache (starting after its cached
-        prefix); after the last chunk, its score (and categories, read greedily from the same cache)."""
+    def _feed(self, state: _Prefill) -> Any | None:
+        """Feed the next `step_tokens` of a prompt into its cache (starting after its cached prefix;
+        a prompt with images in one pass); the last forward's output once the whole prompt is in."""
         torch = self.torch
         ids = state.prompt.ids
         tenant = state.prompt.item.tenant
-        if state.cache is None and self.prefix.enabled and not state.prompt.pixels:
+        images = self._pixel_values([state.prompt.pixels]) if state.prompt.pixels else None
+        if state.cache is None and self.prefix.enabled and images is None:
             path = self.prefix.lookup(tenant, ids)
             if path:
                 state.cache, state.done = one_sequence(gather(path)), len(path) * self.prefix.block_tokens
                 state.hit = state.done
-        end = min(state.done + self.settings.step_tokens, len(ids))
+        end = len(ids) if images is not None else min(state.done + self.settings.step_tokens, len(ids))
+        extra = {"pixel_values": images} if images is not None else {}
         with torch.inference_mode():
             out = self.model(
                 input_ids=torch.tensor([ids[state.done : end]], device=self.device),
@@ -342,15 +365,25 @@ class _Model:
                 past_key_values=state.cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **extra,
             )
         state.cache, state.done = out.past_key_values, end
         if end < len(ids):
             return None
-        if self.prefix.enabled and not state.prompt.pixels:
+        if self.prefix.enabled and images is None:
             # From position 0: blocks of its prefix evicted between steps are put back.
             self.prefix.insert(tenant, ids, 0, [(layer.keys[0], layer.values[0]) for layer in state.cache.layers])
             self.prefix.count(state.hit, len(ids) - state.hit)
             self.prefix.trim()
+        return out
+
+    def prefill(self, state: _Prefill) -> ConversationScore | None:
+        """Feed the next `step_tokens` of a long prompt into its cache (starting after its cached
+        prefix); after the last chunk, its score (and categories, read greedily from the same cache)."""
+        torch = self.torch
+        out = self._feed(state)
+        if out is None:
+            return None
         probs = torch.softmax(out.logits[0, -1, :].float(), dim=-1)
         p_safe, p_unsafe = float(probs[self.safe_ids].sum()), float(probs[self.unsafe_ids].sum())
         item = state.prompt.item
@@ -362,6 +395,29 @@ class _Model:
             result = ConversationScore(unsafe, binary, mass, categories=kept, all_excluded=all_excluded)
         self._remember(state.prompt, result)
         return result
+
+    def distribute(self, state: _Prefill) -> CategoryScores | None:
+        """As `prefill`, and after the last chunk also the first code's distribution over the codes
+        the prompt lists (llama_guard_codes.py); categories are read greedily as for a check."""
+        out = self._feed(state)
+        if out is None:
+            return None
+        probs = self.torch.softmax(out.logits[0, -1, :].float(), dim=-1)
+        p_safe, p_unsafe = float(probs[self.safe_ids].sum()), float(probs[self.unsafe_ids].sum())
+        item = state.prompt.item
+        unsafe, binary, mass = read_verdict(self.family, p_safe, p_unsafe, self.settings.min_mass)
+        if self._codes is None:
+            self._codes = CodeTokens(self.tokenizer, self.device)
+        listed = categories_for(self.family, item.taxonomy, any(turn.images for turn in item.turns))
+        rows = [[self.unsafe_ids[0], *self._codes.ids(category.code)] for category in listed]
+        layers = [(layer.keys, layer.values) for layer in state.cache.layers]
+        chances = first_code_probabilities(self.model, layers, len(state.prompt.ids), rows, self._codes.continues)
+        verdict = ConversationScore(unsafe, binary, mass)
+        if max(unsafe, binary) >= item.categories_from:
+            kept, all_excluded = read_categories(self._continue_cached(state), item.taxonomy)
+            verdict = ConversationScore(unsafe, binary, mass, categories=kept, all_excluded=all_excluded)
+        codes = tuple(CodeScore(c, p) for c, p in zip(listed, chances, strict=True))
+        return CategoryScores(verdict, codes)
 
     def _continue_cached(self, state: _Prefill) -> str:
         """The greedy continuation after a forced `unsafe`, from a prefilled cache (as `_continue`)."""
@@ -451,6 +507,15 @@ class LlamaGuard:
         assert self._model is not None
         return [self._model.prefill(state) for state in states]
 
+    def _distribute(self, states: list[_Prefill]) -> list[CategoryScores | None]:
+        assert self._model is not None
+        return [self._model.distribute(state) for state in states]
+
+    @property
+    def takes_images(self) -> bool:
+        """Images reach this guard's prompt (Llama Guard 4); other families read text only."""
+        return self.family.multimodal
+
     async def score_conversation(
         self, turns: list[Turn], taxonomy: Taxonomy, *, categories_from: float = 0.5
     ) -> ConversationScore:
@@ -471,6 +536,24 @@ class LlamaGuard:
         state = _Prefill(prompt)
         while True:  # each chunk queues behind whatever arrived meanwhile
             (done,) = await self.runner.submit(self._prefill, [state], key=state, bulk=True)
+            if done is not None:
+                return done
+
+    async def score_categories(
+        self, turns: list[Turn], taxonomy: Taxonomy, *, categories_from: float = 0.5
+    ) -> CategoryScores:
+        """The verdict and the first code's distribution (one prompt, in steps of `step_tokens`
+        that yield to ordinary checks when it is longer)."""
+        if self._model is None:
+            raise GuardError(f"guard {self.name!r} is not loaded")
+        item = _Item(tuple(turns), taxonomy, categories_from, current_tenant.get(), recall=False)
+        (prompt,) = await self.runner.submit(self._prepare, [item], key=(id(self), "prepare"))
+        if isinstance(prompt, Exception):
+            raise prompt
+        assert isinstance(prompt, _Prompt)
+        state, long = _Prefill(prompt), len(prompt.ids) - prompt.cached > self.settings.step_tokens
+        while True:
+            (done,) = await self.runner.submit(self._distribute, [state], key=state, bulk=long)
             if done is not None:
                 return done
 
