@@ -16,6 +16,7 @@ from proxy.server.chat import CHAT, chat_completions
 from proxy.server.completions import COMPLETIONS, completions
 from proxy.server.connections import read_body
 from proxy.server.exchange import relay_unchanged
+from proxy.server.moderations import MODERATIONS_PATH, moderations
 from proxy.server.shutdown import DRAIN
 from proxy.server.state import METRICS, POLICIES, READINESS, SETTINGS, TENANTS, UPSTREAMS, bind_tenant, record_of
 from proxy.streaming.buffered import hold_body
@@ -164,4 +165,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(CHAT.path, chat_completions)
     app.router.add_post(COMPLETIONS.path, completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_post(MODERATIONS_PATH, moderations)
     app.router.add_route("*", r"/v1/{tail:[\s\S]*}", passthrough)  # any character: safe_path decides
