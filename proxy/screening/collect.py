@@ -20,6 +20,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import Field
+
 from proxy.errors import BadRequest
 from proxy.guards.guard import Image, ScreenText, Speaker, TextSource, Turn
 from proxy.protocol import ChatRequest, Choice, ChoiceMessage, ContentPart, ImagePart, Message, OtherPart, TextPart
@@ -45,6 +47,14 @@ TEXT_PART_FIELDS = {
 IMAGE_PART_TYPES = frozenset({"image_url"})
 # Keys of unknown fields whose values are identifiers or binary payloads, not text a model reads.
 _NOT_TEXT_KEYS = frozenset({"id", "type", "signature", "tool_call_id", "expires_at"})
+
+
+class ThreadedRequest(ChatRequest):
+    """A request that continues a conversation the upstream keeps (Responses `previous_response_id`,
+    `conversation`): `context` holds its earlier turns as they were screened then. Llama Guard judges
+    the request's own turns after them; Prompt Guard and the route's limits see only the request."""
+
+    context: tuple[Turn, ...] = Field(default=(), exclude=True)
 
 
 @dataclass(frozen=True)
@@ -241,6 +251,8 @@ def _merge(turns: Iterable[Turn]) -> list[Turn]:
 
 
 def _turns(request: ChatRequest, include_system: bool) -> Iterator[Turn]:
+    if isinstance(request, ThreadedRequest):
+        yield from request.context
     if include_system:
         yield Turn("User", guard_view("\n".join(definition_texts(request))))
     yield Turn("User", guard_view("\n".join(document_texts(request))))

@@ -17,6 +17,7 @@ from proxy.server.completions import COMPLETIONS, completions
 from proxy.server.connections import read_body
 from proxy.server.exchange import relay_unchanged
 from proxy.server.moderations import MODERATIONS_PATH, moderations
+from proxy.server.responses import RESPONSES, relay_stored, responses
 from proxy.server.shutdown import DRAIN
 from proxy.server.state import METRICS, POLICIES, READINESS, SETTINGS, TENANTS, UPSTREAMS, bind_tenant, record_of
 from proxy.streaming.buffered import hold_body
@@ -158,6 +159,11 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         return response
 
 
+async def stored_response(request: web.Request) -> web.StreamResponse:
+    """A stored response's paths (retrieve, delete, input_items, cancel): proxy/server/responses.py."""
+    return await relay_stored(request, safe_path(request))
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -165,5 +171,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(CHAT.path, chat_completions)
     app.router.add_post(COMPLETIONS.path, completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_post(RESPONSES.path, responses)
+    app.router.add_route("*", r"/v1/responses/{tail:[\s\S]*}", stored_response)
     app.router.add_post(MODERATIONS_PATH, moderations)
     app.router.add_route("*", r"/v1/{tail:[\s\S]*}", passthrough)  # any character: safe_path decides

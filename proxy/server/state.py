@@ -55,6 +55,9 @@ class Record:
     upstream_ms: float | None = None
     error: str | None = None
     unscreened: list[str] | None = None
+    context: str | None = None
+    """Responses API: `stored` when a previous response's turns were judged with the request,
+    `unknown` when the request named one the state store did not know."""
     prompt: Any = None
     completion: Any = None
 
