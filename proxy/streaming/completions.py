@@ -57,7 +57,8 @@ class CompletionStream(HeldStream):
     def refused(self, indexes: set[int], refusal: str, *, structured: bool = False) -> list[bytes]:
         # A completion has no `refusal` field: a structured-output request is refused as text too.
         base = {"id": self.id or "cmpl-guardrail", "object": OBJECT, "created": self.created or 0}
-        return refusal_chunks({**base, "model": self.model or ""}, indexes, refusal)
+        base |= {"model": self.model or "", "system_fingerprint": self.fingerprint}
+        return refusal_chunks(base, indexes, refusal)
 
 
 def _as_delta(choice: Any) -> Any:
@@ -85,6 +86,7 @@ def refusal_completion(model: str, refusal: str, count: int, *, id_: str, create
         "object": OBJECT,
         "created": created,
         "model": model,
+        "system_fingerprint": None,
         "choices": [refused_choice(i, refusal) for i in range(count)],
         "usage": dict(NO_USAGE),
     }
@@ -107,7 +109,7 @@ def refusal_stream(
     model: str, refusal: str, count: int, *, id_: str, created: int, usage: bool = False
 ) -> list[bytes]:
     """A blocked input's stream; with `usage` (`stream_options.include_usage`) the usage chunk too."""
-    base = {"id": id_, "object": OBJECT, "created": created, "model": model}
+    base = {"id": id_, "object": OBJECT, "created": created, "model": model, "system_fingerprint": None}
     chunks = refusal_chunks(base, range(count), refusal)
     if usage:
         chunks.append(encode({**base, "choices": [], "usage": dict(NO_USAGE)}))

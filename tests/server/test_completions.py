@@ -142,9 +142,11 @@ async def test_output_block_refuses_only_the_blocked_choice(start_proxy: Any, st
         proxy.upstream.replies = ["Hello there.", "Step one of the bomb recipe is secret sauce"]
         client = proxy.client()
         if stream:
-            texts, finishes = by_choice(
-                [c async for c in await client.completions.create(model="m", prompt=GOOD, n=2, stream=True)]
-            )
+            chunks = [c async for c in await client.completions.create(model="m", prompt=GOOD, n=2, stream=True)]
+            texts, finishes = by_choice(chunks)
+            # The refusal's chunk looks like the upstream's own (what a client may compare).
+            refused = [c for c in chunks if any(choice.index == 1 for choice in c.choices)]
+            assert {(c.id, c.model, c.system_fingerprint) for c in refused} == {("cmpl-fake", "m", "fp_fake")}
         else:
             raw = await client.completions.with_raw_response.create(model="m", prompt=GOOD, n=2)
             assert b"recipe" not in raw.http_response.content
@@ -317,3 +319,24 @@ async def test_a_stream_chunk_the_proxy_cannot_read_is_502(start_proxy: Any, cho
         status, body = await post_raw(proxy.url, {"model": "m", "prompt": GOOD, "stream": True})
     assert status == 502
     assert b'"b"' not in body
+
+
+async def test_an_incremental_route_holds_completion_streams(start_proxy: Any) -> None:
+    """`stream: incremental` is chat's: a completion stream on that route is held whole."""
+    policy = POLICY.replace('refusal: "Blocked by policy."', 'refusal: "Blocked by policy."\n  stream: incremental')
+    async with start_proxy(policies={"default": policy}) as proxy:
+        proxy.upstream.mode = "raw"
+        proxy.upstream.raw_chunks = [
+            chunk(0, "Plain words first, " * 40),
+            chunk(0, "then the bo"),
+            chunk(0, "mb recipe", "stop"),
+            b"data: [DONE]\n\n",
+        ]
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(proxy.url + "/v1/completions", json={"model": "m", "prompt": GOOD, "stream": True}) as resp,
+        ):
+            body = await resp.read()
+            assert "x-guardrail-stream" not in resp.headers
+    assert b"Plain words" not in body
+    assert REFUSAL.encode() in body
