@@ -106,7 +106,8 @@ class Supervisor:
                     continue
                 status = task.result()
                 del self.running[pid]
-                statuses.append(status)
+                if self.stopping is not None:
+                    statuses.append(status)  # a crash before the stop was answered by a restart
                 await self._exited(pid, status)
         if self.failed:
             return 1

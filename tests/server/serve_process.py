@@ -68,7 +68,7 @@ async def serving(config: Path, port: int, *args: str) -> AsyncIterator[asyncio.
     finally:
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)  # the workers of --workers too
+                os.killpg(process.pid, signal.SIGKILL)  # workers of --workers follow their parent (stdin)
             await process.wait()
 
 
