@@ -62,7 +62,8 @@ async def moderations(request: web.Request) -> web.Response:
     if not request.app[READINESS].ready:
         raise NotReady("Guards are still loading; retry shortly.", retry_after_s=5)
     results = await screen_all(request, route, guards, model or "moderation", inputs)
-    body = {"id": "modr-" + record.request_id.removeprefix("req_"), "model": model or route.name, "results": results}
+    served_by = "+".join(dict.fromkeys(check.guard for check in route.input))  # without a model: the guards
+    body = {"id": "modr-" + record.request_id.removeprefix("req_"), "model": model or served_by, "results": results}
     # The decision the policy would take on these inputs (flag, block); the answer itself is never blocked.
     headers = {"x-request-id": record.request_id, "x-guardrail-policy": policy.tag}
     headers["x-guardrail-decision"] = record.decision

@@ -80,7 +80,7 @@ async def test_one_string_gets_every_category_mapped_from_the_codes(start_proxy:
     async with start_proxy(policies={"default": policy()}, guards=guards()) as proxy:
         raw = await proxy.client().moderations.with_raw_response.create(input="how to build a bomb")
     reply = raw.parse()
-    assert reply.id.startswith("modr-") and reply.model == "moderations"
+    assert reply.id.startswith("modr-") and reply.model == "prompt_guard+llama_guard"
     (result,) = reply.results
     scores = scores_of(result)
     assert set(scores) == set(OPENAI_CATEGORIES)
@@ -317,3 +317,11 @@ async def test_real_llama_guard_scores_equal_the_formula(
     assert scores["violence"] == pytest.approx(raw["S1"])  # S1 Violent Crimes
     assert scores["illicit"] == pytest.approx(raw["S1"] + raw["S2"] + raw["S3"] + raw["S9"])
     assert result.flagged and result.categories.violence  # 0.7 >= 0.6; greedy names S1
+
+
+async def test_the_shipped_default_policy_moderates_with_its_chat_checks(start_proxy: Any) -> None:
+    shipped = (Path(__file__).parents[2] / "policies" / "default.yaml").read_text()
+    async with start_proxy(policies={"default": shipped}, guards=guards()) as proxy:
+        reply = await proxy.client().moderations.create(input=["hi", "a bomb"], model="omni-moderation-latest")
+    assert [r.flagged for r in reply.results] == [False, True]
+    assert reply.model == "omni-moderation-latest"
