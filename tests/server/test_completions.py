@@ -191,20 +191,23 @@ async def test_trigger_split_across_chunks_blocks_and_leaks_nothing(start_proxy:
     assert finishes == {0: "stop", 1: "content_filter"}
 
 
-async def test_text_in_an_unknown_choice_field_is_screened(start_proxy: Any) -> None:
-    reply = {
-        "id": "cmpl-raw",
-        "object": "text_completion",
-        "choices": [{"text": "Fine.", "index": 0, "finish_reason": "stop", "vendor_note": "a bomb plan"}],
-    }
+@pytest.mark.parametrize("stream", [False, True])
+async def test_text_in_an_unknown_choice_field_is_screened(start_proxy: Any, stream: bool) -> None:
+    choice = {"text": "Fine.", "index": 0, "finish_reason": "stop", "vendor_note": "a bomb plan"}
+    reply = {"id": "cmpl-raw", "object": "text_completion", "choices": [choice]}
     async with start_proxy(policies={"default": POLICY}) as proxy:
         proxy.upstream.mode, proxy.upstream.raw_body = "raw", json.dumps(reply).encode()
-        status, body = await post_raw(proxy.url, {"model": "m", "prompt": GOOD})
+        proxy.upstream.raw_chunks = [b"data: " + json.dumps(reply).encode() + b"\n\n", b"data: [DONE]\n\n"]
+        status, body = await post_raw(proxy.url, {"model": "m", "prompt": GOOD, "stream": stream})
     assert status == 200
-    assert json.loads(body)["choices"] == [
-        {"text": REFUSAL, "index": 0, "logprobs": None, "finish_reason": "content_filter"}
-    ]
-    assert b"plan" not in body
+    assert b"plan" not in body and b"Fine." not in body
+    refused = {"text": REFUSAL, "index": 0, "logprobs": None, "finish_reason": "content_filter"}
+    if stream:
+        *_, last, done, _ = body.split(b"\n\n")
+        assert json.loads(last.removeprefix(b"data: "))["choices"] == [refused]
+        assert done == b"data: [DONE]"
+    else:
+        assert json.loads(body)["choices"] == [refused]
 
 
 @pytest.mark.parametrize(
