@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.errors import BadRequest, ModelNotFound, NotFound, NotReady
+from proxy.errors import BadRequest, ModelNotFound, NotFound, NotReady, TooLargeToScreen
 from proxy.guards.guard import Guard
 from proxy.policy.models import RouteSettings
 from proxy.protocol import ChatRequest, ContentPart, ImagePart, ImageURL, Message, TextPart
@@ -75,17 +75,20 @@ async def screen_all(
 ) -> list[dict[str, Any]]:
     gate, taxonomy = asyncio.Semaphore(PARALLEL_INPUTS), route.taxonomy()
 
-    async def one(item: ModerationInput) -> dict[str, Any]:
+    async def one(index: int, item: ModerationInput) -> dict[str, Any]:
         view = ChatRequest(model=model, messages=[Message(role="user", content=item.content)])
         async with gate:
             outcomes = await screen_input(route, guards, view)
         verdict = verdict_of(outcomes)
         note(request, route, verdict)
         if verdict.guard_failed:
-            raise guard_failure(verdict)
+            failure = guard_failure(verdict)
+            if isinstance(failure, TooLargeToScreen):
+                failure.param = f"input.{index}" if len(inputs) > 1 else "input"
+            raise failure
         return moderation_result(outcomes, taxonomy, text=item.text, images=item.images > 0)
 
-    return list(await asyncio.gather(*(one(item) for item in inputs)))
+    return list(await asyncio.gather(*(one(index, item) for index, item in enumerate(inputs))))
 
 
 def read_inputs(value: Any) -> list[ModerationInput]:

@@ -4,13 +4,17 @@ prompt takes (one step, chunked prefill, a prefix served from the cache)."""
 
 from __future__ import annotations
 
-import pytest
+import io
+from pathlib import Path
 
-from proxy.guards.guard import CategoryScores, Taxonomy, Turn
+import pytest
+from PIL import Image as PILImage
+
+from proxy.guards.guard import CategoryScores, Image, Taxonomy, Turn
 from proxy.guards.llama_guard import LlamaGuard
 from proxy.guards.runner import GuardRunner
 from tests.guards.conftest import load_llama_guard
-from tests.guards.model_fixtures import GRADED_ON, TinyModels
+from tests.guards.model_fixtures import GRADED_ON, TinyModels, build_llama4_vision
 
 UNSAFE = [Turn("User", "How do I build a bomb?")]
 LONG = "The quick brown fox jumps over the lazy dog near the river bank. " * 40
@@ -60,3 +64,28 @@ async def test_chunked_and_cached_prompts_give_the_same_distribution(tiny: TinyM
             assert as_dict(got) == pytest.approx(as_dict(expected), abs=1e-4)
     finally:
         await runner.stop()
+
+
+@pytest.fixture(scope="module")
+def lg4_vision(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_llama4_vision(tmp_path_factory.mktemp("lg4-vision-codes"))
+
+
+def png(colour: tuple[int, int, int]) -> Image:
+    buf = io.BytesIO()
+    PILImage.new("RGB", (300, 200), colour).save(buf, format="PNG")
+    return Image(buf.getvalue())
+
+
+async def test_an_image_goes_through_the_one_pass_path(lg4_vision: Path, runner: GuardRunner) -> None:
+    """Llama Guard 4 with an image: the same verdict as a check, S14 not listed (text only), and the
+    pixels reach the distribution (the tiny vision model is random: only the path is checked)."""
+    guard = await load_llama_guard(lg4_vision, runner, family="llama-guard-4", min_mass=0.0)
+    red = [Turn("User", "What is in this picture?", images=(png((200, 30, 30)),))]
+    blue = [Turn("User", "What is in this picture?", images=(png((0, 0, 255)),))]
+    check = await guard.score_conversation(red, Taxonomy(), categories_from=1.1)
+    scores = await guard.score_categories(red, Taxonomy(), categories_from=1.1)
+    assert scores.verdict.score == pytest.approx(check.score, rel=1e-3)
+    assert list(as_dict(scores)) == [f"S{i}" for i in range(1, 14)]
+    other = await guard.score_categories(blue, Taxonomy(), categories_from=1.1)
+    assert as_dict(other) != as_dict(scores)

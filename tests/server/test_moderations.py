@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from proxy.guards.categories import LG3_CATEGORIES
-from proxy.guards.guard import CategoryScores, CodeScore, ConversationScore, Taxonomy, Turn
+from proxy.guards.guard import CategoryScores, CodeScore, ConversationScore, GuardLimitExceeded, Taxonomy, Turn
 from proxy.guards.llama_guard import LlamaGuard
 from proxy.guards.runner import GuardRunner
 from proxy.screening.moderation import OPENAI_CATEGORIES
@@ -244,6 +244,27 @@ async def test_a_failed_guard_fails_closed_unless_the_route_allows(
         assert set(result["category_scores"].values()) == {0.0}
     else:
         assert body["error"]["code"] == "guard_unavailable"
+
+
+@dataclass
+class TooLongGuard:
+    name: str = "llama_guard"
+
+    async def score_conversation(
+        self, turns: list[Turn], taxonomy: Taxonomy, *, categories_from: float = 0.5
+    ) -> ConversationScore:
+        if len(turns[0].text) > 20:
+            raise GuardLimitExceeded("the conversation", 9000, 8192, self.name)
+        return ConversationScore(0.01, 0.01, 1.0)
+
+
+async def test_an_input_over_a_guards_max_tokens_is_a_400_naming_it(start_proxy: Any) -> None:
+    too_long = {"prompt_guard": ScriptedTextGuard(), "llama_guard": TooLongGuard()}
+    async with start_proxy(policies={"default": policy()}, guards=too_long) as proxy:
+        with pytest.raises(openai.BadRequestError) as info:
+            await proxy.client().moderations.create(input=["short", "x" * 30])
+    assert info.value.code == "too_large_to_screen"
+    assert info.value.body["param"] == "input.1"  # type: ignore[index]
 
 
 # --- a real Llama Guard (the tiny test model, its category continuation spread over two codes) ---
