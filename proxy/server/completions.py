@@ -73,14 +73,17 @@ def read_prompts(payload: dict[str, Any]) -> PromptsRequest:
     def turns(texts: list[str]) -> list[dict[str, str]]:
         return [{"role": "user", "content": text} for text in [*texts, *([suffix] if suffix else [])]]
 
+    if len(prompts) > MAX_CHOICES:  # checked before any work per prompt
+        raise BadRequest(f"Too many prompts: more than {MAX_CHOICES}.", param="prompt")
     try:
         chat = PromptsRequest.model_validate({**rest, "messages": turns(prompts)})
-        if len(prompts) > 1:
-            chat._prompts = [ChatRequest.model_validate({**rest, "messages": turns([p])}) for p in prompts]
     except ValidationError as exc:
         raise invalid(exc) from exc
-    if chat.choice_count > MAX_CHOICES:
+    if len(prompts) * (chat.n or 1) > MAX_CHOICES:
         raise BadRequest(f"Too many choices: prompts times n is over {MAX_CHOICES}.", param="n")
+    if len(prompts) > 1:
+        prompt_turns, suffix_turns = chat.messages[: len(prompts)], chat.messages[len(prompts) :]
+        chat._prompts = [chat.model_copy(update={"messages": [m, *suffix_turns]}) for m in prompt_turns]
     return chat
 
 

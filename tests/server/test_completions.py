@@ -222,6 +222,7 @@ async def test_text_in_an_unknown_choice_field_is_screened(start_proxy: Any, str
         ({"prompt": GOOD, "prompt_embeds": "AAAA"}, "prompt_embeds"),
         ({"prompt": GOOD, "messages": [{"role": "user", "content": BAD}]}, "messages"),
         ({"prompt": [GOOD] * 65, "n": 2}, "n"),  # 130 choices: more than a reply may hold
+        ({"prompt": [GOOD] * 129}, "prompt"),
     ],
 )
 async def test_requests_the_proxy_cannot_screen_are_400(start_proxy: Any, body: dict[str, Any], param: str) -> None:
