@@ -24,6 +24,7 @@ from proxy.screening.collect import Reply, ThreadedRequest, conversation, output
 from proxy.screening.pipeline import Verdict
 from proxy.screening.refusal import is_structured
 from proxy.screening.responses_input import Thread, chat_body, thread_of
+from proxy.server.connections import read_body
 from proxy.server.decisions import decide_output
 from proxy.server.exchange import handle, read_reply, relay_unchanged, upstream_failed
 from proxy.server.json_body import invalid
@@ -147,7 +148,7 @@ async def relay_stored(request: web.Request, target: str) -> web.StreamResponse:
     record.route, record.upstream = route.name, route.upstream
     out = Outgoing(
         path=target,
-        body=await request.read() if request.method == "POST" else b"",
+        body=await read_body(request) if request.method == "POST" else b"",
         payload=None,
         stream=False,
         client_headers=request.headers,

@@ -15,11 +15,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from proxy.protocol import loads
 from proxy.screening.collect import Reply, extra_text
 from proxy.streaming.buffered import HeldStream, replay
 from proxy.streaming.reply import Added, UpstreamReported, _Text
-from proxy.streaming.shape import MalformedReply, items, mapping, text_of, token
+from proxy.streaming.shape import MalformedReply, items, mapping, reply_object, text_of, token
 from proxy.streaming.sse import Event, MalformedStream, frame_data
 
 MAX_OUTPUT_ITEMS = 4096
@@ -174,14 +173,7 @@ class ResponsesStream(HeldStream):
 
 def read_response(body: bytes) -> tuple[dict[str, Any], list[Reply]]:
     """A JSON response object and its one reply (MalformedReply when it cannot be read)."""
-    try:
-        response = loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise MalformedReply("the reply is not JSON") from exc
-    if not isinstance(response, dict):
-        raise MalformedReply("the reply is not a JSON object")
-    if response.get("error") is not None:
-        raise MalformedReply("a 200 reply carries an error")
+    response = reply_object(body)
     text = ResponseText()
     text.response(response, "response")
     return response, [Reply(0, text.text())]

@@ -209,3 +209,15 @@ async def test_done_before_completed_is_a_broken_stream() -> None:
     with pytest.raises(Exception, match="no plain `type`"):
         list(held.feed(b'data: {"type":"x y"}\n\n'))
     assert REFUSAL
+
+
+def test_events_are_reframed_from_their_own_type() -> None:
+    """Upstream comments, `id:` / `retry:` lines and a mislabelled `event:` line never reach the client."""
+    held = ResponsesStream(max_bytes=1 << 20, max_events=100)
+    data = '{"type":"response.created","response":{"id":"r","output":[]}}'
+    frames = b": upstream comment\n\nid: 7\nretry: 10\nevent: error\ndata: " + data.encode() + b"\n\n"
+    for event, added in held.feed(frames):
+        held.keep(event, added)
+    assert list(held.stored()) == [b"event: response.created\ndata: " + data.encode() + b"\n\n"]
+    with pytest.raises(Exception, match="output_index"):
+        list(held.feed(b'data: {"type":"response.output_text.delta","output_index":"0","delta":"x"}\n\n'))
