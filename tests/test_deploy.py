@@ -23,13 +23,14 @@ import pytest
 import yaml
 
 from proxy.cli import main as cli_main
+from proxy.server.shutdown import CUT_WAIT_S
 from proxy.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "kubernetes"
 LAYOUTS = {"base": DEPLOY / "base", "gpu-guards": DEPLOY / "overlays" / "gpu-guards"}
 KUBERNETES_VERSION = "1.32"  # the oldest minor the manifests promise to apply on
-DRAIN_MARGIN_S = 5  # after the drain deadline: cutting what is left (2 s at most) and exiting
+EXIT_MARGIN_S = 3  # after the cut: closing the guards and the upstream session, exiting
 
 Obj = dict[str, Any]
 
@@ -255,7 +256,7 @@ def test_termination_grace_covers_the_drain(rendered: Rendered, tmp_path: Path) 
     sleep = container["lifecycle"]["preStop"]["exec"]["command"]
     assert sleep[0] == "sleep"
     server = mounted_config(rendered, tmp_path)[2].server
-    needed = int(sleep[1]) + server.shutdown_grace_s + server.drain_timeout_s + DRAIN_MARGIN_S
+    needed = int(sleep[1]) + server.shutdown_grace_s + server.drain_timeout_s + CUT_WAIT_S + EXIT_MARGIN_S
     assert pod["terminationGracePeriodSeconds"] >= needed
 
 
