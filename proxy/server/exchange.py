@@ -52,7 +52,7 @@ async def handle(request: web.Request, wire: WireFormat) -> web.StreamResponse:
     if route is None or route.passthrough:
         raise ModelNotFound(f"The model `{chat.model}` does not exist or you do not have access to it.", param="model")
     record.route = route.name
-    record.unscreened = check_limits(route, chat) or None
+    record.unscreened = check_limits(route, chat, wire.prompt_field) or None
     for part_type in record.unscreened or ():
         request.app[METRICS].unscreened_parts.labels(tenant.name, route.name, part_type).inc()
     if request.app[SETTINGS].server.log_content:
@@ -82,17 +82,17 @@ async def handle(request: web.Request, wire: WireFormat) -> web.StreamResponse:
     return await relay_json(call)
 
 
-def check_limits(route: RouteSettings, chat: ChatRequest) -> list[str]:
-    """Raise a 400 past a limit or for a part the route cannot screen; return the part types that
-    go upstream unscreened because the route allows them."""
+def check_limits(route: RouteSettings, chat: ChatRequest, param: str = "messages") -> list[str]:
+    """Raise a 400 past a limit (naming the wire format's `param`) or for a part the route cannot
+    screen; return the part types that go upstream unscreened because the route allows them."""
     limits = route.limits
     if len(chat.messages) > limits.max_messages:
-        raise BadRequest(f"Too many messages: {len(chat.messages)} > {limits.max_messages}.", param="messages")
+        raise BadRequest(f"Too many messages: {len(chat.messages)} > {limits.max_messages}.", param=param)
     chars, images = count_limits(chat)
     if chars > limits.max_characters:
-        raise BadRequest(f"Too much text: {chars} characters > {limits.max_characters}.", param="messages")
+        raise BadRequest(f"Too much text: {chars} characters > {limits.max_characters}.", param=param)
     if images > limits.max_images:
-        raise BadRequest(f"Too many images: {images} > {limits.max_images}.", param="messages")
+        raise BadRequest(f"Too many images: {images} > {limits.max_images}.", param=param)
     return unscreened_parts(chat, route.unscreened_parts)
 
 

@@ -132,8 +132,8 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     route = policy.resolve(request.path, model if isinstance(model, str) else None)
     if route is None or not route.passthrough:
         raise NotFound(
-            f"Unknown path {request.path}: this proxy screens /v1/chat/completions and forwards "
-            "other paths only where the policy allows passthrough."
+            f"Unknown path {request.path}: this proxy screens chat completions, responses, completions and "
+            "moderations, and forwards other paths only where the policy allows passthrough."
         )
     record.route, record.upstream = route.name, route.upstream
     upstream = request.app[UPSTREAMS][route.upstream]
