@@ -196,9 +196,9 @@ def end_check(check: CheckSpan, result: CheckResult) -> None:
         attributes["guardrail.categories"] = list(result.categories)
     if result.windows is not None:
         attributes["guardrail.windows"] = result.windows
-    for kind in ("hit", "miss"):
-        if kind in check.cache:
-            attributes[f"guardrail.cache.{kind}s"] = check.cache[kind]
+    for result_name, attribute in (("hit", "guardrail.cache.hits"), ("miss", "guardrail.cache.misses")):
+        if result_name in check.cache:
+            attributes[attribute] = check.cache[result_name]
     if result.dropped:
         attributes["guardrail.dropped"] = True
     if result.error is not None:

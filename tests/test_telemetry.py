@@ -26,8 +26,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from proxy.telemetry import TRACING
-from tests.conftest import Proxy
+from tests.conftest import Proxy, make_settings, write_policies
 from tests.fakes.guards import FailingGuard, ScriptedTextGuard
+from tests.fakes.upstream import FakeUpstream
+from tests.guards.model_fixtures import TinyModels
+from tests.guards.test_e2e_models import real_proxy_from
 
 TENANT_KEY = "sk-tenant-acme-5f1e2d"
 TENANTS = {"acme": {"keys": [TENANT_KEY], "policy": "default"}}
@@ -108,7 +111,7 @@ def every_attribute_value(spans: tuple[ReadableSpan, ...]) -> Iterator[str]:
         yield repr(span.resource.attributes)
 
 
-def hi(text: str = "hello") -> list[dict[str, str]]:
+def hi(text: str = "hello") -> list[Any]:
     return [{"role": "user", "content": f"{text} {SECRET_PROMPT}"}]
 
 
@@ -266,6 +269,39 @@ async def test_spans_are_exported_over_otlp_and_logs_carry_the_trace_id(
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     (request_line,) = [line for line in lines if line.get("event") == "request"]
     assert request_line["trace_id"] == trace_id
+
+
+PROMPT_GUARD_ONLY = """
+routes:
+  - name: chat
+    match: {path: /v1/chat/completions}
+    input: [{guard: prompt_guard, threshold: 0.9}]
+    output: []
+"""
+
+
+@pytest.mark.model
+async def test_check_span_counts_verdict_cache_hits(
+    tmp_path: Path, upstream: FakeUpstream, tiny: TinyModels, collector: Collector
+) -> None:
+    """The real Prompt Guard (tiny model): the second identical request is answered by the verdict
+    cache, and its check span says so."""
+    write_policies(tmp_path, {"default": PROMPT_GUARD_ONLY})
+    settings = make_settings(
+        tmp_path,
+        upstream,
+        guards={"prompt_guard": {"family": "prompt-guard-2", "model": str(tiny.pg2)}},
+        telemetry={"enabled": True, "endpoint": collector.url},
+    )
+    async with real_proxy_from(settings, upstream) as proxy:
+        memory = InMemorySpanExporter()
+        proxy.app[TRACING].provider.add_span_processor(SimpleSpanProcessor(memory))
+        for _ in range(2):
+            await proxy.client().chat.completions.create(model="m", messages=hi())
+    first, second = (attrs(s) for s in by_name(memory.get_finished_spans())["check prompt_guard"])
+    assert (first.get("guardrail.cache.hits"), first["guardrail.cache.misses"]) == (None, 1)
+    assert (second["guardrail.cache.hits"], second.get("guardrail.cache.misses")) == (1, None)
+    assert second["guardrail.score"] == first["guardrail.score"]
 
 
 async def test_untraced_requests_get_no_trace_header_upstream(start_proxy: Any) -> None:
