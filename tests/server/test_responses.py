@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,6 +18,7 @@ from openai._models import construct_type
 
 from tests.conftest import DEFAULT_POLICY
 from tests.fakes.guards import ScriptedConversationGuard, ScriptedTextGuard
+from tests.fakes.redis_server import RedisServer
 from tests.fakes.responses import FakeResponses
 
 POLICY = DEFAULT_POLICY.replace(
@@ -263,6 +265,30 @@ async def test_previous_response_id_is_judged_in_context(
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     contexts = [r.get("context") for r in records if r.get("route") == "chat"]
     assert contexts == [None, None, "stored", "unknown"]
+
+
+async def test_replicas_sharing_redis_judge_in_context(
+    start_proxy: Any, upstream: FakeResponses, tmp_path: Path
+) -> None:
+    """Turn 1 through one replica, turn 2 through another: with one `state.redis_url` the second knows
+    the first's turns; a replica with its own in-process state does not, and screens what it sees."""
+    llama = ScriptedConversationGuard(triggers={"vault code": "S2"})
+    guards = {"prompt_guard": ScriptedTextGuard(), "llama_guard": llama}
+    upstream.text = "Noted, the vault"
+    (tmp_path / "redis").mkdir()
+    redis = await RedisServer(tmp_path / "redis").start()
+    try:
+        state = {"redis_url": redis.url}
+        async with start_proxy(policies={"default": POLICY}, guards=guards, state=state) as one:
+            first = await one.client().responses.create(model="m", input="Remember a word.")
+        async with start_proxy(policies={"default": POLICY}, guards=guards, state=state) as two:
+            shared = await two.client().responses.create(model="m", input="code, now", previous_response_id=first.id)
+        async with start_proxy(policies={"default": POLICY}, guards=guards) as alone:
+            unknown = await alone.client().responses.create(model="m", input="code, now", previous_response_id=first.id)
+    finally:
+        await redis.stop()
+    assert blocked(shared)
+    assert unknown.output_text == upstream.text
 
 
 async def test_conversation_turns_are_judged_in_context(start_proxy: Any, upstream: FakeResponses) -> None:
