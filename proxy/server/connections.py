@@ -15,13 +15,15 @@ from aiohttp.typedefs import Handler
 from yarl import URL
 
 from proxy.errors import RequestTimeout
+from proxy.guards.guard import GuardError
 from proxy.observability import Metrics
 from proxy.server.shutdown import CUT_WAIT_S, DRAIN, Drain, StopSignals, drain_server, drained
-from proxy.server.state import METRICS, SETTINGS
+from proxy.server.state import METRICS, READINESS, SETTINGS
 from proxy.server.workers import watch_parent
 from proxy.settings import ServerSettings
 
 log = structlog.get_logger("proxy.connections")
+READY_POLL_S = 0.05
 BODY_GRACE_S = 1.0  # time for a handler's own 408 (read_body) to go out before the connection is cut
 
 
@@ -228,11 +230,18 @@ async def start_server(
 ) -> tuple[web.AppRunner, ConnectionSite]:
     """Start `app` on host:port behind the connection limits of its settings; the caller cleans up
     the runner. Used by `serve` and by the tests, so both run the same server. `reuse_port`: several
-    processes share the port (`serve --workers`); `shutdown_timeout_s`: how long the runner's cleanup
+    processes share the port (`serve --workers`): then the port is bound once the guards are loaded;
+    `shutdown_timeout_s`: how long the runner's cleanup
     waits for a request still running before it cancels it."""
     app[DRAIN] = Drain()
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout_s)
     await runner.setup()
+    if reuse_port:
+        try:
+            await guards_loaded(app)
+        except BaseException:
+            await runner.cleanup()
+            raise
     limits = ConnectionLimits(app[SETTINGS].server, app[METRICS])
     site = ConnectionSite(runner, host, port, limits, reuse_port=reuse_port)
     try:
@@ -241,6 +250,16 @@ async def start_server(
         await runner.cleanup()
         raise
     return runner, site
+
+
+async def guards_loaded(app: web.Application) -> None:
+    """A process that shares its port joins the kernel's group only once its guards are loaded: the
+    kernel would hand it new connections at once, and each would get 503 not_ready until then."""
+    readiness = app[READINESS]
+    while not readiness.ready:
+        if readiness.error is not None:
+            raise GuardError(f"guards failed to load: {readiness.error}")
+        await asyncio.sleep(READY_POLL_S)
 
 
 async def run_server(

@@ -119,3 +119,36 @@ async def test_workers_that_cannot_start_stop_the_parent(tmp_path: Path, upstrea
             if parent.returncode is None:
                 parent.kill()
                 await parent.wait()
+
+
+async def test_a_worker_binds_the_port_only_once_its_guards_loaded(tmp_path: Path, upstream: FakeUpstream) -> None:
+    """A worker joins the port's group when it can screen: one whose guard fails to load never takes a
+    connection (each would have been a 503 not_ready) and exits 1, which the parent counts as a crash."""
+    config = write_config(tmp_path, upstream.url, {})
+    data = json.loads(config.read_text())
+    data["guards"] = {"prompt_guard": {"family": "prompt-guard-2", "model": str(tmp_path / "no-such-model")}}
+    config.write_text(json.dumps(data))
+    port = free_port()
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "HF_HUB_OFFLINE": "1"}
+    worker = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port), "--worker"),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    try:
+        accepted = 0
+        for _ in range(2400):  # until it exits (it loads transformers first)
+            if worker.returncode is not None:
+                break
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except ConnectionRefusedError:
+                await asyncio.sleep(0.05)
+                continue
+            accepted += 1
+            writer.close()
+        assert await asyncio.wait_for(worker.wait(), 60) == 1
+        assert accepted == 0
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+            await worker.wait()
