@@ -185,7 +185,11 @@ def test_every_pod_is_hardened_probed_and_sized(rendered: Rendered) -> None:
 
 
 def test_references_resolve(rendered: Rendered) -> None:
-    """Mounted ConfigMap keys, Secret keys, Service targets, autoscaler and budget selectors all exist."""
+    """Mounted ConfigMap keys, Secret keys, Service targets, autoscaler, budget and network policy
+    selectors all exist."""
+    for deployment in rendered.all("Deployment"):
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     for name, template in rendered.pods():
         for volume in template["spec"]["volumes"]:
             if "configMap" in volume:
@@ -207,6 +211,16 @@ def test_references_resolve(rendered: Rendered) -> None:
     pdb = rendered.get("PodDisruptionBudget", "guardrail-proxy")["spec"]
     assert pdb["selector"]["matchLabels"].items() <= labels.items()
     assert hpa["minReplicas"] > pdb["maxUnavailable"]  # a node drain never takes the last replica
+    for policy in rendered.all("NetworkPolicy"):
+        guarded = [t for _, t in rendered.pods() if matches(policy["spec"]["podSelector"], t)]
+        guarded_ports = {p["containerPort"] for t in guarded for c in t["spec"]["containers"] for p in c["ports"]}
+        for rule in policy["spec"]["ingress"]:
+            assert all(any(matches(f["podSelector"], t) for _, t in rendered.pods()) for f in rule["from"])
+            assert {p["port"] for p in rule["ports"]} == guarded_ports
+
+
+def matches(selector: Obj, template: Obj) -> bool:
+    return bool(selector["matchLabels"].items() <= template["metadata"]["labels"].items())
 
 
 def mounted_config(rendered: Rendered, tmp_path: Path) -> tuple[Path, Path, Settings]:
