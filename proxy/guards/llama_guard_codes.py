@@ -79,5 +79,7 @@ def first_code_probabilities(
                 chance *= float(probs[step - 1, row[step]])
             width = min(probs.shape[-1], continues.shape[0])  # an lm_head may be wider than the vocabulary
             chance *= 1.0 - float(probs[-1, :width][continues[:width]].sum())
-        out.append(max(chance, 0.0))
+        if not -1e-6 <= chance <= 1.0 + 1e-6:  # NaN included: never a score
+            raise GuardError(f"the distribution of category codes is not a probability ({chance!r})")
+        out.append(min(max(chance, 0.0), 1.0))
     return out

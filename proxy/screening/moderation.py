@@ -136,7 +136,7 @@ def _score(outcome: Outcome, scored: ConversationScore) -> float:
 def code_scores(outcome: Outcome, taxonomy: Taxonomy) -> dict[str, tuple[str, float]]:
     """Code -> (its name, P(unsafe) x P(first code = it | unsafe)); a guard without the distribution
     gives each code it names the whole P(unsafe)."""
-    scored = outcome.capture.scored if outcome.capture else None
+    scored = outcome.capture.scored if outcome.capture and not outcome.result.error else None
     if isinstance(scored, CategoryScores):
         unsafe = _score(outcome, scored.verdict)
         return {c.category.code: (c.category.name, unsafe * c.probability) for c in scored.codes}
@@ -154,7 +154,7 @@ def _guard_numbers(outcome: Outcome, per_code: dict[str, tuple[str, float]]) -> 
         own["error"] = result.error
     elif result.skipped:
         own["skipped"] = True
-    scored = outcome.capture.scored if outcome.capture else None
+    scored = outcome.capture.scored if outcome.capture and not result.error else None
     if scored is None:
         if result.score is not None:
             own["score"] = result.score

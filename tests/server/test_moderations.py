@@ -246,6 +246,16 @@ async def test_a_failed_guard_fails_closed_unless_the_route_allows(
         assert body["error"]["code"] == "guard_unavailable"
 
 
+async def test_a_score_that_is_not_a_probability_is_a_guard_error_never_a_number(start_proxy: Any) -> None:
+    text = policy().replace("route_defaults:", "route_defaults:\n  on_guard_error: allow")
+    nan = guards(unsafe=float("nan"))
+    async with start_proxy(policies={"default": text}, guards=nan) as proxy, aiohttp.ClientSession() as http:
+        resp = await http.post(proxy.url + "/v1/moderations", json={"input": "a bomb"})
+        (result,) = (await resp.json())["results"]  # valid JSON: no NaN anywhere
+    assert "not a probability" in result["llama_guard"]["error"]
+    assert "score" not in result["llama_guard"] and set(result["category_scores"].values()) == {0.0}
+
+
 @dataclass
 class TooLongGuard:
     name: str = "llama_guard"
