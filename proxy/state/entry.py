@@ -27,10 +27,19 @@ _SPEAKERS = frozenset(("User", "Agent"))
 @dataclass(frozen=True)
 class Entry:
     turns: tuple[Turn, ...]
-    value: bytes
-    """The JSON the turns are stored as; its length is the entry's size in bytes."""
+    parts: tuple[bytes, ...]
+    """Each turn's JSON: a chain extended later is not encoded again."""
     trimmed: int
     """Turns dropped (or one cut to its tail) to fit the bounds."""
+
+    @property
+    def size(self) -> int:
+        """Bytes of the stored JSON value."""
+        return _size(self.parts)
+
+    @property
+    def value(self) -> bytes:
+        return _HEAD + b",".join(self.parts) + _TAIL
 
 
 def valid_id(response_id: str) -> bool:
@@ -45,13 +54,18 @@ def _size(parts: Sequence[bytes]) -> int:
     return len(_HEAD) + sum(len(p) for p in parts) + max(len(parts) - 1, 0) + len(_TAIL)
 
 
-def build_entry(turns: Sequence[Turn], *, max_turns: int, max_bytes: int) -> Entry:
-    """The chain as stored: text only, at most `max_turns` turns and `max_bytes` bytes of JSON, the
-    oldest turns dropped first (the newest are the context a next turn is judged with); a newest turn
-    that alone is over `max_bytes` keeps the tail of its text."""
-    kept = [Turn(t.speaker, t.text) for t in turns[-max_turns:]] if turns else []
-    trimmed = len(turns) - len(kept)
-    parts = [_turn_json(t) for t in kept]
+def build_entry(
+    turns: Sequence[Turn], *, max_turns: int, max_bytes: int, before: Entry | None = None
+) -> Entry:
+    """The chain as stored, `before`'s turns then `turns`: text only, at most `max_turns` turns and
+    `max_bytes` bytes of JSON, the oldest turns dropped first (the newest are the context a next turn
+    is judged with); a newest turn that alone is over `max_bytes` keeps the tail of its text."""
+    new = [Turn(t.speaker, t.text) for t in turns[-max_turns:]]
+    kept = [*(before.turns if before else ()), *new]
+    parts = [*(before.parts if before else ()), *map(_turn_json, new)]
+    cut = max(len(kept) - max_turns, 0)
+    del kept[:cut], parts[:cut]
+    trimmed = len(turns) - len(new) + cut
     size = _size(parts)
     while size > max_bytes and len(parts) > 1:
         size -= len(parts.pop(0)) + 1
@@ -60,7 +74,7 @@ def build_entry(turns: Sequence[Turn], *, max_turns: int, max_bytes: int) -> Ent
     if size > max_bytes:
         kept[0], parts[0] = _cut_to_tail(kept[0], max_bytes - (size - len(parts[0])))
         trimmed += 1
-    return Entry(tuple(kept), _HEAD + b",".join(parts) + _TAIL, trimmed)
+    return Entry(tuple(kept), tuple(parts), trimmed)
 
 
 def _cut_to_tail(turn: Turn, budget: int) -> tuple[Turn, bytes]:

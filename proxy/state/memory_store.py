@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from proxy.guards.guard import Turn
 from proxy.observability import Metrics
 from proxy.settings import StateSettings
-from proxy.state.entry import build_entry, valid_id
+from proxy.state.entry import Entry, build_entry, valid_id
 
 Key = tuple[str, str]
 
 
 @dataclass(frozen=True)
 class _Held:
-    turns: tuple[Turn, ...]
+    entry: Entry
     size: int
     expires: float
 
@@ -45,7 +45,7 @@ class MemoryStore:
     async def get(self, tenant: str, response_id: str) -> list[Turn] | None:
         held = self._lookup((tenant, response_id))
         self._metrics.response_state_lookups.labels("miss" if held is None else "hit").inc()
-        return None if held is None else list(held.turns)
+        return None if held is None else list(held.entry.turns)
 
     async def put(
         self, tenant: str, response_id: str, turns: Sequence[Turn], *, previous: str | None = None
@@ -53,11 +53,12 @@ class MemoryStore:
         if not valid_id(response_id):
             self._metrics.response_state_errors.labels("put").inc()
             return
-        before = self._lookup((tenant, previous)) if previous is not None else None
-        chain = [*before.turns, *turns] if before is not None else list(turns)
+        held = self._lookup((tenant, previous)) if previous is not None else None
         s = self._settings
         try:
-            entry = build_entry(chain, max_turns=s.max_turns_per_entry, max_bytes=s.max_entry_bytes)
+            entry = build_entry(
+                turns, max_turns=s.max_turns_per_entry, max_bytes=s.max_entry_bytes, before=held.entry if held else None
+            )
         except UnicodeEncodeError:  # a lone surrogate: screening refuses such text, so never here
             self._metrics.response_state_errors.labels("put").inc()
             return
@@ -65,9 +66,9 @@ class MemoryStore:
             self._metrics.response_state_trimmed_turns.inc(entry.trimmed)
         key = (tenant, response_id)
         self._drop(key)
-        self._entries[key] = _Held(entry.turns, len(entry.value), self._clock() + s.ttl_s)
+        self._entries[key] = _Held(entry, entry.size, self._clock() + s.ttl_s)
         self._by_expiry[key] = None
-        self.bytes_held += len(entry.value)
+        self.bytes_held += entry.size
         self._evict()
 
     async def close(self) -> None:
