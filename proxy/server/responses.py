@@ -11,6 +11,7 @@ without Redis) is screened with what the request shows, and the record says `con
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,8 +21,8 @@ from pydantic import ValidationError
 from proxy.errors import BadRequest, NotFound, UpstreamError
 from proxy.guards.guard import Turn
 from proxy.protocol import ChatRequest
-from proxy.screening.collect import Reply, ThreadedRequest, conversation, output_conversation
-from proxy.screening.pipeline import Verdict
+from proxy.screening.collect import Reply, ThreadedRequest, conversation, count_limits, output_conversation
+from proxy.screening.pipeline import OFF_LOOP_CHARS, Verdict
 from proxy.screening.refusal import is_structured
 from proxy.screening.responses_input import Thread, chat_body, thread_of
 from proxy.server.connections import read_body
@@ -92,12 +93,20 @@ class ResponsesWire:
         store, tenant = request.app.get(RESPONSE_STATE), record_of(request).tenant
         if store is None or tenant is None or not replies:
             return
-        turns = output_conversation(chat, replies[0]) or conversation(chat)
+        context = chat.context if isinstance(chat, ThreadedRequest) else ()
+        size = count_limits(chat)[0] + len(replies[0].text) + sum(len(t.text) for t in context)
+        # Normalising megabytes takes a while: off the loop, as the checks do (pipeline.OFF_LOOP_CHARS).
+        turns = await asyncio.to_thread(chain, chat, replies[0]) if size > OFF_LOOP_CHARS else chain(chat, replies[0])
         thread = request.get(THREAD) or Thread()
         if reply_id is not None:
             await store.put(tenant, reply_id, turns)
         if thread.conversation is not None:
             await store.put(tenant, CONVERSATION_KEY + thread.conversation, turns)
+
+
+def chain(chat: ChatRequest, reply: Reply) -> list[Turn]:
+    """What is kept of a passed response: its context, its input and its reply, as Llama Guard turns."""
+    return output_conversation(chat, reply) or conversation(chat)
 
 
 RESPONSES = ResponsesWire()

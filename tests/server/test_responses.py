@@ -16,6 +16,7 @@ import openai.lib.streaming.responses
 import pytest
 from openai._models import construct_type
 
+from proxy.state.redis_store import RedisStore
 from tests.conftest import DEFAULT_POLICY
 from tests.fakes.guards import ScriptedConversationGuard, ScriptedTextGuard
 from tests.fakes.redis_server import RedisServer
@@ -43,6 +44,7 @@ def preload_sdk() -> None:
     event = {"type": "response.created", "sequence_number": 0, "response": {"id": "r", "output": []}}
     assert construct_type(type_=openai.types.responses.ResponseStreamEvent, value=event) is not None
     assert openai.lib.streaming.responses.AsyncResponseStreamManager is not None
+    assert RedisStore is not None  # the proxy imports it when a redis_url is set: at startup, on the loop
 
 
 preload_sdk()
