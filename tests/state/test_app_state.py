@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import aiohttp
 import pytest
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from proxy.guards.guard import Turn
 from proxy.server.state import RESPONSE_STATE
+from proxy.settings import StateSettings
 from proxy.state.memory_store import MemoryStore
 from proxy.state.redis_store import CLIENT_NAME, RedisStore
 from tests.conftest import ProxyFactory
@@ -57,3 +59,17 @@ async def test_the_redis_url_may_come_from_the_environment(
     async with start_proxy(state={"redis_url": "env:TEST_STATE_REDIS_URL"}) as proxy:
         await proxy.app[RESPONSE_STATE].put("default", "resp_1", TURNS)
         assert await redis_client.dbsize() == 1
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        ({"max_entry_bytes": 4096, "max_bytes": 2048}, "max_entry_bytes must not exceed max_bytes"),
+        ({"redis_url": "http://cache:6379"}, "redis_url must start with"),
+        ({"ttl_s": 0}, "greater than or equal to 1"),
+        ({"redis_ttl": 5}, "Extra inputs are not permitted"),
+    ],
+)
+def test_state_settings_refuse_what_cannot_work(state: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        StateSettings.model_validate(state)
