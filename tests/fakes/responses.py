@@ -29,7 +29,7 @@ class FakeResponses(FakeUpstream):
     """A reasoning item's summary text, before the message."""
     done_text: str | None = None
     """The text the `.done` events and the final response state, when it differs from the deltas."""
-    fault: str = "none"  # none | die (drop the connection after `die_after` events) | error_event | failed
+    fault: str = "none"  # none | die (drop the connection after `die_after` events) | error_event | failed | truncated
     die_after: int = 4
     stored: dict[str, dict[str, Any]] = field(default_factory=dict)
     inputs: dict[str, Any] = field(default_factory=dict)
@@ -55,6 +55,8 @@ class FakeResponses(FakeUpstream):
 
     async def _create(self, request: web.Request) -> web.StreamResponse:
         body = (await self._record(request)).json
+        if self.mode == "raw":
+            return web.Response(status=self.raw_status, body=self.raw_body, content_type="application/json")
         self._count += 1
         rid = f"resp_fake{self._count:04d}"
         output = self.output(body, rid)
@@ -163,6 +165,8 @@ class FakeResponses(FakeUpstream):
             events += self.item_events(o, item)
         if self.fault == "error_event":
             events.append({"type": "error", "code": "server_error", "message": "upstream says bomb", "param": None})
+        elif self.fault == "truncated":
+            pass  # the stream ends without its last event
         elif self.fault == "failed":
             error = {"code": "server_error", "message": "the model failed: bomb"}
             events.append({"type": "response.failed", "response": {**final, "status": "failed", "error": error}})

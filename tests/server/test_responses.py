@@ -172,6 +172,26 @@ async def test_output_blocked(start_proxy: Any, upstream: FakeResponses, where: 
     assert raw.headers["x-guardrail-decision"] == "block"
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b'{"id": "r", "output": "the heist"}', id="output-not-a-list"),
+        pytest.param(
+            b'{"id": "r", "output": [{"type": "message", "content": [{"type": "output_text", "text": 5}]}]}',
+            id="text-not-a-string",
+        ),
+        pytest.param(b'{"id": "r", "output": [], "error": {"message": "heist"}}', id="error"),
+        pytest.param(b'{"id": "r", "output": [], "Output": []}', id="repeated-key"),
+    ],
+)
+async def test_unreadable_reply_is_a_502(start_proxy: Any, upstream: FakeResponses, body: bytes) -> None:
+    upstream.mode, upstream.raw_body = "raw", body
+    async with start_proxy(policies={"default": POLICY}) as proxy:
+        with pytest.raises(openai.InternalServerError) as exc:
+            await proxy.client().responses.create(model="m", input="Hi")
+    assert exc.value.status_code == 502 and "heist" not in str(exc.value)
+
+
 async def test_on_block_error_is_a_bad_request(start_proxy: Any, upstream: FakeResponses) -> None:
     upstream.text = "a bomb"
     async with start_proxy(policies={"default": ERROR_POLICY}) as proxy:

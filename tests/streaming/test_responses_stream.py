@@ -175,7 +175,7 @@ async def test_structured_output_refusal_is_a_refusal_part(start_proxy: Any, ups
     assert content.type == "refusal" and content.refusal == REFUSAL
 
 
-@pytest.mark.parametrize("fault", ["die", "error_event", "failed"])
+@pytest.mark.parametrize("fault", ["die", "error_event", "failed", "truncated"])
 async def test_upstream_fault_is_the_proxys_own_error(start_proxy: Any, upstream: FakeResponses, fault: str) -> None:
     upstream.fault = fault
     upstream.text = "Partial words the client must never see."
