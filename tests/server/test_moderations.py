@@ -4,6 +4,7 @@ limits and images; and the scores of a real (tiny) Llama Guard against the formu
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,15 @@ import openai
 import pytest
 
 from proxy.guards.categories import LG3_CATEGORIES
-from proxy.guards.guard import CategoryScores, CodeScore, ConversationScore, GuardLimitExceeded, Taxonomy, Turn
+from proxy.guards.guard import (
+    CategoryScores,
+    CodeScore,
+    ConversationScore,
+    GuardError,
+    GuardLimitExceeded,
+    Taxonomy,
+    Turn,
+)
 from proxy.guards.llama_guard import LlamaGuard
 from proxy.guards.runner import GuardRunner
 from proxy.screening.moderation import OPENAI_CATEGORIES
@@ -257,6 +266,34 @@ async def test_a_score_that_is_not_a_probability_is_a_guard_error_never_a_number
 
 
 @dataclass
+class StuckGuard:
+    """Fails on 'fail'; waits forever on anything else, noting whether it was cancelled."""
+
+    name: str = "llama_guard"
+    cancelled: int = 0
+
+    async def score_conversation(
+        self, turns: list[Turn], taxonomy: Taxonomy, *, categories_from: float = 0.5
+    ) -> ConversationScore:
+        if turns[0].text == "fail":
+            raise GuardError("model crashed")
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        raise AssertionError("unreachable")
+
+
+async def test_one_failed_input_stops_the_others_checks(start_proxy: Any) -> None:
+    stuck = StuckGuard()
+    async with start_proxy(policies={"default": policy()}, guards={**guards(), "llama_guard": stuck}) as proxy:
+        with pytest.raises(openai.InternalServerError, match="Content screening is unavailable"):
+            await proxy.client().moderations.create(input=["slow one", "fail", "slow two"])
+    assert stuck.cancelled == 2
+
+
+@dataclass
 class TooLongGuard:
     name: str = "llama_guard"
 
@@ -330,8 +367,6 @@ def independent_scores(path: Path, text: str) -> tuple[dict[str, float], dict[st
 async def test_real_llama_guard_scores_equal_the_formula(
     start_proxy: Any, spread_lg3: Path, runner: GuardRunner
 ) -> None:
-    import asyncio
-
     expected, tokens_only = await asyncio.to_thread(independent_scores, spread_lg3, "how to build a bomb")
     guard = LlamaGuard("llama_guard", GuardSettings(family="llama-guard-3-1b", model=str(spread_lg3)), runner)
     await guard.load()
