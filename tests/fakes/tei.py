@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +38,7 @@ class FakeTEI:
         self.url = ""
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="fake-tei")  # one model, one forward at a time
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> FakeTEI:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -52,10 +54,16 @@ class FakeTEI:
         self._stopping.set()
         if self._runner is not None:
             await self._runner.cleanup()
+        self._worker.shutdown(wait=False)
 
-    def _logits(self, ids: list[int]) -> list[float]:
+    def _logits(self, batch: list[list[int]]) -> list[list[float]]:
+        """One padded forward pass over a call's inputs (TEI batches them too)."""
+        width = max(len(ids) for ids in batch)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([row + [pad] * (width - len(row)) for row in batch])
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in batch])
         with torch.inference_mode():
-            out: list[float] = self.model(input_ids=torch.tensor([ids])).logits[0].float().tolist()
+            out: list[list[float]] = self.model(input_ids=ids, attention_mask=mask).logits.float().tolist()
             return out
 
     async def _predict(self, request: web.Request) -> web.Response:
@@ -76,7 +84,7 @@ class FakeTEI:
             return _error(422, f"`inputs` must have less than {MAX_INPUT_LENGTH} tokens")
         encoded = [ids[:MAX_INPUT_LENGTH] for ids in encoded]
         self.seen += encoded
-        rows = await asyncio.to_thread(lambda: [self._logits(ids) for ids in encoded])
+        rows = await asyncio.get_running_loop().run_in_executor(self._worker, self._logits, encoded)
         results = [self._predictions(row, bool(body.get("raw_scores", False))) for row in rows]
         return self._answer(results if batch else results[0])
 
