@@ -1,4 +1,5 @@
-"""Prompt Guard 1 and 2 on transformers, in process.
+"""Prompt Guard 1 and 2 on transformers, in process; its `Windowing` (texts -> windows of ids, with the
+caps) and `Classes` (which probabilities make the score) also serve the TEI backend (guards/tei.py).
 
 Long texts are never truncated: each text is cut into windows of `window_tokens` (CLS and SEP
 included) overlapping by `window_overlap_tokens`; a text's score is the max over its windows. A
