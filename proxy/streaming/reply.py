@@ -65,7 +65,7 @@ class UpstreamReported(UpstreamError):
         return error_body(self.message, self.type, self.upstream_code or self.code)
 
 
-class _Text:
+class TextPieces:
     """Text that arrives in many small pieces, kept as a few large strings: a string per delta
     would cost about 50 bytes more than its text."""
 
@@ -88,11 +88,11 @@ class _Text:
 
 @dataclass
 class _ChoiceText:
-    reasoning: _Text = field(default_factory=_Text)
-    content: _Text = field(default_factory=_Text)
-    tools: dict[int, _Text] = field(default_factory=dict)
-    refusal: _Text = field(default_factory=_Text)
-    other: dict[str, _Text] = field(default_factory=dict)
+    reasoning: TextPieces = field(default_factory=TextPieces)
+    content: TextPieces = field(default_factory=TextPieces)
+    tools: dict[int, TextPieces] = field(default_factory=dict)
+    refusal: TextPieces = field(default_factory=TextPieces)
+    other: dict[str, TextPieces] = field(default_factory=dict)
 
     def text(self) -> str:
         parts = [self.reasoning.value(), self.content.value()]
@@ -187,7 +187,7 @@ class StreamedReply:
                 continue
             delta = mapping(choice.get("delta"), in_delta)
             text_of(choice, "finish_reason", at)
-            pieces: list[tuple[_Text, str]] = [
+            pieces: list[tuple[TextPieces, str]] = [
                 (state.reasoning, text_of(delta, "reasoning_content", in_delta)),
                 (state.reasoning, text_of(delta, "reasoning", in_delta)),
                 (state.content, content_text(delta.get("content"), in_delta)),
@@ -196,12 +196,12 @@ class StreamedReply:
             for call, name, arguments in tool_calls_of(delta, in_delta, indexed=True):
                 args = state.tools.get(call)
                 if args is None:
-                    args = state.tools[call] = _Text()
+                    args = state.tools[call] = TextPieces()
                 pieces.append((args, f"{name}({arguments}" if name else arguments))
             for key, texts in [*other_text(delta, KNOWN_FIELDS).items(), *other_text(choice, CHOICE_FIELDS).items()]:
                 other = state.other.get(key)
                 if other is None:
-                    other = state.other[key] = _Text()
+                    other = state.other[key] = TextPieces()
                 pieces += [(other, text) for text in texts]
             chars, last = 0, ""
             for part, text in pieces:

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from proxy.screening.collect import Reply, extra_text
 from proxy.streaming.buffered import HeldStream, replay
-from proxy.streaming.reply import Added, UpstreamReported, _Text
+from proxy.streaming.reply import Added, TextPieces, UpstreamReported
 from proxy.streaming.shape import MalformedReply, items, mapping, reply_object, text_of, token
 from proxy.streaming.sse import Event, MalformedStream, frame_data
 
@@ -50,14 +50,14 @@ class ResponseText:
     """The reply's text as the output check reads it (see the module's docstring)."""
 
     def __init__(self) -> None:
-        self.deltas: dict[Key, _Text] = {}
+        self.deltas: dict[Key, TextPieces] = {}
         self.finals: dict[Key, dict[str, None]] = {}
 
     def delta(self, key: Key, text: str) -> None:
         if text:
             held = self.deltas.get(key)
             if held is None:
-                held = self.deltas[key] = _Text()
+                held = self.deltas[key] = TextPieces()
             held.add(text)
 
     def final(self, key: Key, *texts: str) -> None:
