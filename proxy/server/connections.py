@@ -17,7 +17,15 @@ from yarl import URL
 from proxy.errors import RequestTimeout
 from proxy.guards.guard import GuardError
 from proxy.observability import Metrics
-from proxy.server.shutdown import CUT_WAIT_S, DRAIN, Drain, StopSignals, drain_server, drained
+from proxy.server.shutdown import (
+    CUT_WAIT_S,
+    DRAIN,
+    Drain,
+    StopSignals,
+    close_when_draining,
+    drain_server,
+    drained,
+)
 from proxy.server.state import METRICS, READINESS, SETTINGS
 from proxy.server.workers import watch_parent
 from proxy.settings import ServerSettings
@@ -234,6 +242,7 @@ async def start_server(
     `shutdown_timeout_s`: how long the runner's cleanup
     waits for a request still running before it cancels it."""
     app[DRAIN] = Drain()
+    app.on_response_prepare.append(close_when_draining)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout_s)
     await runner.setup()
     if reuse_port:

@@ -104,9 +104,16 @@ async def drained(request: web.Request, handler: Handler, drain: Drain) -> web.S
                 raise  # a client disconnect, or a passthrough relay that already sent bytes: cut the connection
             task.uncancel()
             return await answer_cut(request)
-    if drain.draining and not response.prepared:
-        response.force_close()  # the client's next request opens a new connection, to a process that stays
     return response
+
+
+async def close_when_draining(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: once draining, every response says `Connection: close`, so a client's next
+    request opens a new connection (to a process that stays) instead of racing the close of this one."""
+    drain = request.app.get(DRAIN)
+    if drain is not None and drain.draining:
+        response.force_close()  # the server closes it after this response...
+        response.headers["Connection"] = "close"  # ...and says so (the hook runs after aiohttp set the header)
 
 
 def answerable(request: web.Request) -> bool:
@@ -120,9 +127,7 @@ async def answer_cut(request: web.Request) -> web.StreamResponse:
     held: HeldResponse | None = request.get(HELD)
     if held is not None and held.prepared:
         return await held.fail(error)
-    response = error_response(error, record_of(request))
-    response.force_close()
-    return response
+    return error_response(error, record_of(request))
 
 
 class StopSignals:

@@ -73,11 +73,12 @@ async def serving(config: Path, port: int, *args: str) -> AsyncIterator[asyncio.
 
 
 @asynccontextmanager
-async def sent(port: int, head: str, body: bytes = b"") -> AsyncIterator[asyncio.StreamReader]:
-    """A connection with one HTTP/1.1 request written (Connection: close), for reading its answer."""
+async def sent(port: int, head: str, body: bytes = b"", *, close: bool = True) -> AsyncIterator[asyncio.StreamReader]:
+    """A connection with one HTTP/1.1 request written (`Connection: close` unless told), for reading its answer."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(f"{head}\r\nHost: proxy\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        connection = "Connection: close\r\n" if close else ""
+        writer.write(f"{head}\r\nHost: proxy\r\n{connection}Content-Length: {len(body)}\r\n\r\n".encode())
         writer.write(body)
         yield reader
     finally:

@@ -79,6 +79,10 @@ async def test_sigterm_drains_held_streams_then_exits_0(tmp_path: Path, upstream
         process.send_signal(signal.SIGTERM)
         await until(draining, "readyz turned 503")
         assert answers[-1] == (503, {"status": "draining", "pid": process.pid})
+        async with sent(port, "GET /healthz HTTP/1.1", close=False) as reader:  # a client that would keep it
+            status, headers = await read_head(reader)
+            assert (status, headers["connection"]) == (200, "close")  # its next request goes elsewhere
+            assert await reader.read() == b'{"status": "ok"}'  # and the proxy closes it
         await until(lambda: refuses(port), "the listener closed after the grace period")
         assert not any(s.done() for s in streams)  # held at the upstream's gate, still in flight
 
