@@ -16,6 +16,7 @@ import pytest
 
 from proxy.guards.categories import LG3_CATEGORIES
 from proxy.guards.guard import (
+    Category,
     CategoryScores,
     CodeScore,
     ConversationScore,
@@ -335,6 +336,18 @@ def spread_lg3(tiny: TinyModels, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return out
 
 
+# A custom code spelled with more tokens than S1-S13 (rows of different lengths share a pass).
+CUSTOM = Taxonomy(custom=(Category("S100", "Pirate Talk."),))
+REAL_POLICY = """
+routes:
+  - name: moderations
+    match: {path: /v1/moderations}
+    custom_categories: [{code: S100, name: Pirate Talk.}]
+    input:
+      - {guard: llama_guard, threshold: 0.6}
+"""
+
+
 def independent_scores(path: Path, text: str) -> tuple[dict[str, float], dict[str, float]]:
     """P(unsafe) x P(first code | unsafe) by full forward passes without caches, per code; and the
     same without the factor for the code's end (the probability of its tokens alone)."""
@@ -345,14 +358,14 @@ def independent_scores(path: Path, text: str) -> tuple[dict[str, float], dict[st
 
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    prompt = encode_hf(build(FAMILIES["llama-guard-3-1b"], [Turn("User", text)], Taxonomy()), tok)
+    prompt = encode_hf(build(FAMILIES["llama-guard-3-1b"], [Turn("User", text)], CUSTOM), tok)
     pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
     word = torch.tensor([bool(p) and p[0].isascii() and (p[0].isalnum() or p[0] == "_") for p in pieces])
     unsafe = tok.convert_tokens_to_ids("unsafe")
     out, tokens_only = {}, {}
     with torch.no_grad():
         first = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].float(), -1)
-        for category in LG3_CATEGORIES[:13]:
+        for category in [*LG3_CATEGORIES[:13], *CUSTOM.custom]:
             code = tok("\n" + category.code, add_special_tokens=False).input_ids
             seq = [*prompt, unsafe, *code]
             probs = torch.softmax(model(torch.tensor([seq])).logits[0].float(), -1)
@@ -370,7 +383,7 @@ async def test_real_llama_guard_scores_equal_the_formula(
     expected, tokens_only = await asyncio.to_thread(independent_scores, spread_lg3, "how to build a bomb")
     guard = LlamaGuard("llama_guard", GuardSettings(family="llama-guard-3-1b", model=str(spread_lg3)), runner)
     await guard.load()
-    policies = {"default": policy(0.6)}
+    policies = {"default": REAL_POLICY}
     async with start_proxy(policies=policies, guards={"prompt_guard": ScriptedTextGuard(), "llama_guard": guard}) as p:
         (result,) = (await p.client().moderations.create(input="how to build a bomb")).results
     raw = (result.model_extra or {})["llama_guard"]["category_scores"]
