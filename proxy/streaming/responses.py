@@ -32,6 +32,7 @@ _META = frozenset(
     }
 )  # fmt: skip
 _ENDS = frozenset({"response.completed", "response.incomplete"})
+_PAYLOADS = frozenset({"response", "item", "part"})  # read by ResponseText.response / .item / .part
 # Where each kind of text is kept: the stem of its `.delta` / `.done` events.
 TEXT, REFUSAL, ARGUMENTS = "response.output_text", "response.refusal", "response.function_call_arguments"
 SUMMARY, REASONING = "response.reasoning_summary_text", "response.reasoning_text"
@@ -147,23 +148,24 @@ class ResponsesStream(HeldStream):
         if kind == "response.failed":
             raise UpstreamReported(mapping(chunk.get("response"), "response").get("error"))
         o = _index(chunk, "output_index")
+        # Every payload an event carries is read, whatever its type names: a client may read any of
+        # them (an `item` beside a `delta` would otherwise hide the delta from the check).
         if "response" in chunk:
             self.response = mapping(chunk["response"], "response")
             self.id = self.id or (self.response.get("id") if isinstance(self.response.get("id"), str) else None)
             self.text.response(self.response, "response")  # its output is empty until the end, as a rule
             self.done = kind in _ENDS
-        elif "item" in chunk:
+        if "item" in chunk:
             self.text.item(o, chunk["item"], "item")
-        elif "part" in chunk:
+        if "part" in chunk:
             self.text.part(o, _sub(chunk), chunk["part"], "part")
-        else:
-            self._text_event(kind, o, chunk)
+        self._text_event(kind, o, chunk)
         return []
 
     def _text_event(self, kind: str, o: int, chunk: dict[str, Any]) -> None:
         stem, _, last = kind.rpartition(".")
         sub = _sub(chunk)
-        rest = {k: v for k, v in chunk.items() if k not in _META}
+        rest = {k: v for k, v in chunk.items() if k not in _META and k not in _PAYLOADS}
         if stem == "response.audio":
             return  # base64 sound, not text; its transcript comes in response.audio.transcript.*
         if last == "delta" and isinstance(rest.get("delta"), str):
