@@ -15,6 +15,7 @@ third-party text (reference §3.2).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,20 +26,34 @@ from proxy.guards.verdict_cache import VerdictCache, digest_text
 from proxy.settings import GuardSettings
 
 
-def window_starts(count: int, size: int, overlap: int) -> list[int]:
-    """Where each window of `windows` starts in a sequence of `count` ids."""
-    if count <= size:
-        return [0]
-    step = size - overlap
-    out = [0]
-    while out[-1] + size < count:
-        out.append(out[-1] + step)
-    return out
+def window_spans(word_starts: Sequence[bool], size: int, overlap: int) -> list[tuple[int, int]]:
+    """[start, end) of each window over a text's ids (`word_starts[i]`: id i begins a whitespace-
+    delimited word): at most `size` ids, each starting about `size - overlap` after the previous,
+    together covering every id. A window starts and ends at a word start wherever one is in reach (a
+    word is a few ids; reach is `size - overlap` ids), so its text tokenizes on its own to exactly its
+    ids: what a remote backend (TEI) is sent scores as in process. A word longer than that is cut."""
+    count = len(word_starts)
+    spans: list[tuple[int, int]] = []
+    start, step = 0, size - overlap
+    while start + size < count:
+        end = _last_word_start(word_starts, start + 1, start + size) or start + size
+        spans.append((start, end))
+        start = _last_word_start(word_starts, start + 1, min(start + step, end)) or min(start + step, end)
+    spans.append((start, count))
+    return spans
 
 
-def windows(ids: list[int], size: int, overlap: int) -> list[list[int]]:
-    """Consecutive slices of `size` ids, each starting `size - overlap` after the previous, covering all."""
-    return [ids[start : start + size] for start in window_starts(len(ids), size, overlap)]
+def _last_word_start(word_starts: Sequence[bool], low: int, high: int) -> int | None:
+    for index in range(high, low - 1, -1):
+        if word_starts[index]:
+            return index
+    return None
+
+
+def windows(ids: list[int], size: int, overlap: int, word_starts: Sequence[bool] | None = None) -> list[list[int]]:
+    """Consecutive slices of at most `size` ids covering all, cut as `window_spans` says (every id a
+    word start when `word_starts` is not known)."""
+    return [ids[a:b] for a, b in window_spans(word_starts or [True] * len(ids), size, overlap)]
 
 
 def normalize_whitespace(text: str, tokenize: Any) -> str:
@@ -98,6 +113,17 @@ class Classes:
         return float(probs[self.injection] + probs[self.jailbreak])
 
 
+@dataclass(frozen=True)
+class Cut:
+    """A text as Prompt Guard scores it: the text given to the tokenizer, its ids, its windows, and
+    each window's [start, end) in characters of that text (empty without a fast tokenizer)."""
+
+    prepared: str
+    ids: list[int]
+    windows: list[list[int]]
+    spans: list[tuple[int, int]]
+
+
 class Windowing:
     """A request's texts -> windows of token ids, with the caps; every Prompt Guard backend (in process,
     TEI) windows through this one class, so a text is cut the same way wherever it is scored."""
@@ -118,6 +144,19 @@ class Windowing:
     def ids(self, text: str) -> list[int]:
         return list(self.tokenizer(self.prepare(text), add_special_tokens=False, verbose=False).input_ids)
 
+    def cut(self, text: str) -> Cut:
+        prepared = self.prepare(text)
+        if not self.tokenizer.is_fast:  # no offsets: windows are cut anywhere (in process only)
+            ids = self.ids(text)
+            return Cut(prepared, ids, windows(ids, self.size, self.overlap), [])
+        enc = self.tokenizer(prepared, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        ids, offsets = list(enc.input_ids), enc.offset_mapping
+        # A SentencePiece word's first piece holds the whitespace before it (the first word has none).
+        starts = [i == 0 or prepared[a : a + 1].isspace() for i, (a, _) in enumerate(offsets)]
+        spans = window_spans(starts, self.size, self.overlap)
+        chars = [(offsets[a][0], offsets[b - 1][1]) if b > a else (0, 0) for a, b in spans]
+        return Cut(prepared, ids, [ids[a:b] for a, b in spans], chars)
+
     def plan(self, requests: list[tuple[ScreenText, ...]]) -> list[list[list[list[int]]] | Exception]:
         """Each request's windows per text, or that request's own error (unencodable text, caps)."""
         return [self._plan_one(texts) for texts in requests]
@@ -130,13 +169,13 @@ class Windowing:
                 head = tokens_at_least(lambda t: len(self.ids(t)), text.text, limit - total)
                 if head is not None:
                     return GuardLimitExceeded("the request's text", total + head, limit, self.name, at_least=True)
-                ids = self.ids(text.text)
+                cut = self.cut(text.text)
             except Exception as exc:  # the tokenizer's own error types; the text itself is never quoted
                 return GuardError(f"guard {self.name!r}: text {number} cannot be tokenized ({type(exc).__name__})")
-            total += len(ids)
+            total += len(cut.ids)
             if total > limit:
                 return GuardLimitExceeded("the request's text", total, limit, self.name)
-            wins = windows(ids, self.size, self.overlap)
+            wins = cut.windows
             if len(wins) > self.settings.max_windows:
                 return GuardError(
                     f"guard {self.name!r}: text {number} needs {len(wins)} windows, "

@@ -9,14 +9,14 @@ windows, as in process. The proxy therefore needs the model's tokenizer and conf
 
 Why window text and not token ids: `/predict` takes strings only (TEI's token-id input exists for
 `/embed`, and even there is decoded back to text). A window goes as the exact slice of the text its
-tokens cover (its spaces and special-token spellings as written, never a decode of the ids), which TEI's
-tokenizer.json turns back into exactly the window's ids whenever the window starts and ends on a word
-boundary: every text that fits one window (most prompts) is scored on exactly the in-process ids. A
-window that starts inside a word cannot be written as text at all (the tokenizer marks the first piece
-of any input as a word start), so there TEI scores that first fragment as a word; should that make the
-window longer than `window_tokens`, its first tokens (inside the previous window's overlap) are dropped
-here, so TEI never truncates (`truncate: false`). Scores of such windows can differ slightly from in
-process; the characters scored are the same.
+tokens cover (its spaces and special-token spellings as written, never a decode of the ids). The shared
+windowing starts and ends every window at a word start (`window_spans`), and a SentencePiece tokenizer
+cuts each whitespace-delimited word the same wherever it stands, so TEI's tokenizer.json turns each
+slice back into exactly the window's ids: remote scores equal in-process scores. Only a single "word"
+longer than a window's reach (hundreds of tokens without a space) is cut inside; such a window's first
+fragment is then scored as a word start and, should that make it longer than `window_tokens`, its
+first tokens (inside the previous window's overlap) are dropped here, so TEI never truncates
+(`truncate: false`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import aiohttp
 
 from proxy.guards.guard import GuardError, ScreenText, TextScore
 from proxy.guards.hub import explain, load_kwargs, quiet_transformers
-from proxy.guards.prompt_guard import Classes, PromptGuard, Windowing, window_starts
+from proxy.guards.prompt_guard import Classes, PromptGuard, Windowing
 from proxy.guards.runner import GuardRunner
 from proxy.settings import GuardSettings, resolve_secret
 
@@ -40,16 +40,12 @@ REPLY_BYTES_PER_SCORE = 256
 
 def window_texts(windowing: Windowing, text: str, wins: list[list[int]]) -> list[str]:
     """The text to send for each window of `text` (runs in the guard runner's thread)."""
-    prepared = windowing.prepare(text)
-    if len(wins) == 1:
-        return [prepared]  # TEI tokenizes the very string the windows came from
-    enc = windowing.tokenizer(prepared, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    offsets = enc.offset_mapping
-    starts = window_starts(len(enc.input_ids), windowing.size, windowing.overlap)
-    if len(starts) != len(wins):
+    cut = windowing.cut(text)
+    if len(cut.windows) == 1:
+        return [cut.prepared]  # TEI tokenizes the very string the windows came from
+    if cut.windows != wins:
         raise GuardError(f"guard {windowing.name!r}: the tokenizer is not deterministic on this text")
-    spans = [(offsets[s][0], offsets[s + len(w) - 1][1]) for s, w in zip(starts, wins, strict=True)]
-    return [fit(windowing, prepared[first:last]) for first, last in spans]
+    return [fit(windowing, cut.prepared[first:last]) for first, last in cut.spans]
 
 
 def fit(windowing: Windowing, piece: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.guards.guard import GuardError, GuardLimitExceeded, ScreenText
-from proxy.guards.prompt_guard import PromptGuard, normalize_whitespace, windows
+from proxy.guards.prompt_guard import PromptGuard, normalize_whitespace, window_spans, windows
 from proxy.guards.runner import GuardRunner
 from tests.guards.conftest import load_prompt_guard
 from tests.guards.model_fixtures import GRADED_OFF, GRADED_ON, TinyModels
@@ -21,6 +21,17 @@ def test_windows_cover_everything_with_overlap() -> None:
     assert wins[-1][-1] == 999
     assert all(len(w) <= 510 for w in wins)
     assert windows(ids[:10], 510, 128) == [ids[:10]]
+
+
+def test_windows_start_and_end_at_word_starts_and_cover_everything() -> None:
+    starts = [i % 7 == 0 or i % 11 == 3 for i in range(2000)]  # words of a few ids
+    spans = window_spans(starts, 510, 128)
+    assert spans[0][0] == 0 and spans[-1][1] == 2000
+    for (a, b), (c, _) in zip(spans, spans[1:], strict=False):
+        assert starts[a] and starts[b] and starts[c]  # every cut is at a word start
+        assert 0 < b - a <= 510 and a < c <= b  # within size, moving on, no gap
+        assert b - c >= 128 - 7  # the overlap, less at most a word
+    assert window_spans([True] + [False] * 999, 510, 128) == [(0, 510), (382, 892), (764, 1000)]
 
 
 async def test_trigger_scores_malicious(pg2: PromptGuard) -> None:
