@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 
 from tests.fakes.responses import FakeResponses
@@ -80,3 +81,47 @@ async def test_stream_event_text_beside_another_payload_is_screened(
     assert status == 200
     assert TRIGGER.encode() not in body
     assert REFUSAL.encode() in body
+
+
+
+MESSAGE = {"id": "msg_x", "type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hi."}]}
+COMPLETED: dict[str, Any] = {**STARTED, "status": "completed", "output": [MESSAGE]}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param({"output_text": f"a {TRIGGER}"}, id="output_text-shortcut"),
+        pytest.param({"summary": {"text": f"a {TRIGGER}"}}, id="unknown-field"),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_response_object_fields_beside_output_are_screened(
+    start_proxy: Any, upstream: FakeResponses, extra: dict[str, Any], stream: bool
+) -> None:
+    """Only `output` of a response object was read: the `output_text` shortcut (which raw-HTTP clients
+    read) or any unknown field reached the client unscreened, and a blocked response's refusal kept them."""
+    final = {**COMPLETED, **extra}
+    upstream.mode = "raw"
+    upstream.raw_body = json.dumps(final).encode()
+    if stream:
+        upstream.raw_body = sse({"type": "response.created", "response": STARTED}, {**DONE_EVENT, "response": final})
+    async with start_proxy(policies={"default": POLICY}) as proxy:
+        status, body = await post_raw(proxy.url, "/v1/responses", {"model": "m", "input": "Hi", "stream": stream})
+    assert status == 200
+    assert TRIGGER.encode() not in body
+    assert REFUSAL.encode() in body
+
+
+async def test_a_final_response_with_an_error_is_our_own_error(start_proxy: Any, upstream: FakeResponses) -> None:
+    """A JSON reply with an `error` is a 502; a stream's `response.completed` with one was relayed as is."""
+    final = {**COMPLETED, "error": {"code": "server_error", "message": f"a {TRIGGER}"}}
+    upstream.mode = "raw"
+    upstream.raw_body = sse({"type": "response.created", "response": STARTED}, {**DONE_EVENT, "response": final})
+    async with start_proxy(policies={"default": POLICY}) as proxy:
+        status, body = await post_raw(proxy.url, "/v1/responses", {"model": "m", "input": "Hi", "stream": True})
+        with pytest.raises(openai.APIError):
+            async for _ in await proxy.client().responses.create(model="m", input="Hi", stream=True):
+                pass
+    assert TRIGGER.encode() not in body
+    assert status == 502 or b"upstream_error" in body

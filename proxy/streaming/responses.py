@@ -31,6 +31,18 @@ _META = frozenset(
         "annotation_index", "partial_image_index",
     }
 )  # fmt: skip
+# A response object's fields that hold no text the model wrote: ids, settings, and echoes of the request.
+# `output` is read item by item; every other field's strings are screened (`output_text`, unknown ones),
+# and only these are kept in a refused response.
+RESPONSE_FIELDS = frozenset(
+    {
+        "id", "object", "created_at", "completed_at", "status", "model", "output", "instructions", "metadata",
+        "parallel_tool_calls", "temperature", "top_p", "top_logprobs", "tool_choice", "tools", "background",
+        "conversation", "max_output_tokens", "max_tool_calls", "previous_response_id", "prompt",
+        "prompt_cache_key", "prompt_cache_retention", "reasoning", "safety_identifier", "service_tier",
+        "store", "text", "truncation", "usage", "user",
+    }
+)  # fmt: skip
 _ENDS = frozenset({"response.completed", "response.incomplete"})
 _PAYLOADS = frozenset({"response", "item", "part"})  # read by ResponseText.response / .item / .part
 # Where each kind of text is kept: the stem of its `.delta` / `.done` events.
@@ -103,6 +115,9 @@ class ResponseText:
     def response(self, response: dict[str, Any], at: str) -> None:
         for o, item in enumerate(items(response.get("output"), f"{at}.output")):
             self.item(o, item, f"{at}.output[{o}]")
+        # The `output_text` shortcut some upstreams add, and any field the API does not define.
+        other = {k: v for k, v in response.items() if k not in RESPONSE_FIELDS}
+        self.final((MAX_OUTPUT_ITEMS, "response", 0), *extra_text(other))
 
 
 def _index(event: dict[str, Any], key: str, limit: int = MAX_OUTPUT_ITEMS) -> int:
@@ -155,6 +170,8 @@ class ResponsesStream(HeldStream):
             self.id = self.id or (self.response.get("id") if isinstance(self.response.get("id"), str) else None)
             self.text.response(self.response, "response")  # its output is empty until the end, as a rule
             self.done = kind in _ENDS
+            if self.done and self.response.get("error") is not None:  # as a JSON reply: never relayed
+                raise MalformedReply(f"{kind} carries an error")
         if "item" in chunk:
             self.text.item(o, chunk["item"], "item")
         if "part" in chunk:
@@ -212,7 +229,7 @@ def refusal_message(response: dict[str, Any], refusal: str, *, structured: bool 
 def refused(response: dict[str, Any], refusal: str, *, structured: bool = False) -> dict[str, Any]:
     """`response` (an upstream's or base_response) answered with the refusal, as OpenAI answers
     filtered content; its output, and any `output_text` shortcut an upstream added, are gone."""
-    out = {k: v for k, v in response.items() if k != "output_text"}
+    out = {k: v for k, v in response.items() if k in RESPONSE_FIELDS}
     out |= {"status": "incomplete", "incomplete_details": {"reason": "content_filter"}, "error": None}
     return out | {"output": [refusal_message(response, refusal, structured=structured)]}
 
