@@ -174,6 +174,8 @@ class Run:
     results: list[tuple[float, float, str]] = field(default_factory=list)  # (start, seconds, outcome)
     rss: list[dict[str, Any]] = field(default_factory=list)
     events: dict[str, float] = field(default_factory=dict)
+    details: list[str] = field(default_factory=list)  # the first failures' messages
+    t0: float = field(default_factory=time.perf_counter)
     counter: int = 0
 
 
@@ -195,6 +197,8 @@ async def one(session: aiohttp.ClientSession, url: str, run: Run) -> None:
             outcome = "ok"
     except (aiohttp.ClientError, TimeoutError) as exc:
         outcome = type(exc).__name__
+        if len(run.details) < 20:
+            run.details.append(f"t={start - run.t0:.2f} s {'stream' if stream else 'json'} {outcome}: {exc}")
     run.results.append((start, time.perf_counter() - start, f"{'stream' if stream else 'json'}:{outcome}"))
 
 
@@ -266,6 +270,7 @@ def summary(run: Run, duration_s: float, t0: float) -> dict[str, Any]:
         "p99_ms": {k: round(percentile(v, 0.99), 1) for k, v in lat.items() if v},
         "restart": {k: round(v, 2) for k, v in run.events.items()},
         "lost_in_restart": len(lost),
+        "failures": run.details,
     }
 
 
@@ -288,7 +293,8 @@ async def measure(args: argparse.Namespace, models: Path, tmp: Path) -> dict[str
         url = f"http://127.0.0.1:{port}"
         await ready(url, args.workers)
         await load(url, args.concurrency, 10, Run())  # warm-up: connections, tokenizers, first checks
-        run, t0 = Run(), time.perf_counter()
+        run = Run()
+        t0 = run.t0
         sampler = asyncio.create_task(sample_rss(proxy.pid, run, args.sample_s, t0))
         restart = asyncio.create_task(rolling_restart(proxy.pid, url, args.duration * args.restart_at, run, t0))
         await load(url, args.concurrency, args.duration, run)
@@ -313,17 +319,21 @@ async def measure(args: argparse.Namespace, models: Path, tmp: Path) -> dict[str
         fakes.wait()
 
 
-async def memory(models: Path, tmp: Path) -> dict[str, Any]:
-    """RSS of one serving process (what each `--workers` process costs) per guard placement, after
-    it answered `--warm` requests."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    from guards_cpu import make_lg3_1b, make_pg2_22m
-
-    fakes, urls = start_fakes(models)
+def build_default_shapes(tmp: Path) -> Path:
+    """Prompt Guard 2 22M and Llama Guard 3 1B in their real shapes, random weights (bench/guards_cpu.py),
+    built in a process of their own: gigabytes this one need not keep."""
     shapes = tmp / "default-shapes"
     if not (shapes / "llama-guard" / "config.json").exists():
-        make_lg3_1b(shapes / "llama-guard")
-        make_pg2_22m(shapes / "prompt-guard")
+        build = "import sys, pathlib; from guards_cpu import make_lg3_1b, make_pg2_22m; p = pathlib.Path(sys.argv[1]); "
+        build += "make_lg3_1b(p / 'llama-guard'); make_pg2_22m(p / 'prompt-guard')"
+        subprocess.run([sys.executable, "-c", build, str(shapes)], cwd=ROOT / "bench", check=True)
+    return shapes
+
+
+async def memory(models: Path, shapes: Path, tmp: Path) -> dict[str, Any]:
+    """RSS of one serving process (what each `--workers` process costs) per guard placement, after
+    it answered `--warm` requests."""
+    fakes, urls = start_fakes(models)
     out: dict[str, Any] = {}
     try:
         placements = [
@@ -379,7 +389,10 @@ def main() -> None:
     tmp.mkdir(exist_ok=True)
     models = tmp / "demo-models"
     build_models(models)
-    result = asyncio.run(memory(models, tmp) if args.memory else measure(args, models, tmp))
+    if args.memory:
+        result = asyncio.run(memory(models, build_default_shapes(tmp), tmp))
+    else:
+        result = asyncio.run(measure(args, models, tmp))
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
