@@ -12,10 +12,12 @@ import aiohttp
 import openai
 import pytest
 
+from tests.fakes.guards import ScriptedConversationGuard, ScriptedTextGuard
 from tests.fakes.responses import FakeResponses
-from tests.server.test_responses import POLICY, REFUSAL
+from tests.server.test_responses import POLICY, REFUSAL, blocked
 
 TRIGGER = "bomb"  # the scripted Llama Guard flags it in any turn
+PNG = "data:image/png;base64,iVBORw0KGgo="
 
 
 @pytest.fixture
@@ -125,3 +127,63 @@ async def test_a_final_response_with_an_error_is_our_own_error(start_proxy: Any,
                 pass
     assert TRIGGER.encode() not in body
     assert status == 502 or b"upstream_error" in body
+
+
+@pytest.mark.parametrize(
+    ("variable", "kind"),
+    [
+        pytest.param({"type": "input_file", "filename": "a.txt", "file_data": "Ym9tYg=="}, "input_file", id="file"),
+        pytest.param({"type": "input_image", "file_id": "file-1"}, "input_image", id="image-by-id"),
+        pytest.param({"type": "input_audio", "input_audio": {"data": "AAAA"}}, "input_audio", id="audio"),
+    ],
+)
+async def test_stored_prompt_variable_that_is_not_text_is_refused(
+    start_proxy: Any, upstream: FakeResponses, variable: dict[str, Any], kind: str
+) -> None:
+    """`prompt.variables` values may be input_file / input_image parts: they were read as strings (a
+    file's base64, an id) and went upstream, where the model reads the file, unscreened."""
+    prompt: Any = {"id": "pmpt_1", "variables": {"topic": "cats", "doc": variable}}
+    async with start_proxy(policies={"default": POLICY}) as proxy:
+        with pytest.raises(openai.BadRequestError) as exc:
+            await proxy.client().responses.create(model="m", prompt=prompt)
+    assert kind in str(exc.value)
+    assert upstream.response_requests == []
+
+
+async def test_stored_prompt_image_variable_goes_to_the_guards(start_proxy: Any, upstream: FakeResponses) -> None:
+    llama = ScriptedConversationGuard()
+    prompt: Any = {"id": "pmpt_1", "variables": {"pic": {"type": "input_image", "image_url": PNG}}}
+    guards = {"prompt_guard": ScriptedTextGuard(), "llama_guard": llama}
+    async with start_proxy(policies={"default": POLICY}, guards=guards) as proxy:
+        await proxy.client().responses.create(model="m", prompt=prompt)
+    assert llama.calls[0][0][0].images[0].data == b"\x89PNG\r\n\x1a\n"
+    text_prompt: Any = {"id": "pmpt_1", "variables": {"t": {"type": "input_text", "text": f"a {TRIGGER}"}}}
+    async with start_proxy(policies={"default": POLICY}) as proxy:
+        assert blocked(await proxy.client().responses.create(model="m", prompt=text_prompt))
+
+
+@pytest.mark.parametrize(
+    "tool",
+    [
+        pytest.param({"type": "mcp", "server_label": "x", "server_url": "https://x.test/mcp"}, id="mcp"),
+        pytest.param({"type": "web_search"}, id="web_search"),
+        pytest.param({"type": "file_search", "vector_store_ids": ["vs_1"]}, id="file_search"),
+        pytest.param({"type": "code_interpreter", "container": {"type": "auto"}}, id="code_interpreter"),
+    ],
+)
+async def test_hosted_tool_is_refused_unless_the_route_allows_it(
+    start_proxy: Any, upstream: FakeResponses, tool: dict[str, Any]
+) -> None:
+    """A hosted tool's results (an MCP server's output, web pages, files) enter the model inside the
+    upstream, where the proxy never sees them: refused like an `item_reference`, unless the route's
+    `unscreened_parts` names the tool type (then counted)."""
+    kind = tool["type"]
+    async with start_proxy(policies={"default": POLICY}) as proxy:
+        with pytest.raises(openai.BadRequestError) as exc:
+            await proxy.client().responses.create(model="m", input="Hi", tools=[tool])
+    assert kind in str(exc.value)
+    assert upstream.response_requests == []
+    allowing = POLICY.replace(f'refusal: "{REFUSAL}"', f'refusal: "{REFUSAL}"\n  unscreened_parts: [{kind}]')
+    async with start_proxy(policies={"default": allowing}) as proxy:
+        passed = await proxy.client().responses.create(model="m", input="Hi", tools=[tool])
+    assert passed.output_text == upstream.text

@@ -57,6 +57,17 @@ def chat_body(payload: dict[str, Any]) -> dict[str, Any]:
         messages += [input_message(item, f"input.{i}") for i, item in enumerate(given)]
     elif given is not None:
         raise BadRequest("'input' must be a string or a list of items.", param="input")
+    # A stored prompt's template lives upstream (the application's, like instructions); the values a
+    # request fills in are screened like tool results, and those that are no text (a file, an image)
+    # as parts of a user message: images go to the guards, the rest is refused unless allowed.
+    documents, parts = prompt_variables(payload.get("prompt"))
+    if parts:
+        messages.insert(1 if instructions is not None else 0, {"role": "user", "content": parts})
+    # Hosted tools (web search, file search, MCP, code interpreter ...) feed the model text inside the
+    # upstream that the proxy never sees: each is a part of its type, refused unless the route allows it.
+    hosted = hosted_tools(payload.get("tools"))
+    if hosted:
+        messages.append({"role": "user", "content": hosted})
     if not messages:  # only a previous_response_id or a stored prompt: nothing new to read
         messages.append({"role": "user", "content": ""})
     body: dict[str, Any] = {"model": payload.get("model"), "messages": messages, "stream": payload.get("stream")}
@@ -66,12 +77,37 @@ def chat_body(payload: dict[str, Any]) -> dict[str, Any]:
     text = payload.get("text")
     if isinstance(text, dict) and "format" in text:
         body["response_format"] = text["format"]
-    # A stored prompt's template lives upstream (the application's, like instructions); the values a
-    # request fills in are screened like tool results.
-    prompt = payload.get("prompt")
-    if isinstance(prompt, dict) and prompt.get("variables") is not None:
-        body["documents"] = prompt["variables"]
+    if documents is not None:
+        body["documents"] = documents
     return body
+
+
+# Tool types whose definitions the proxy screens and whose results come back as items it screens.
+SCREENED_TOOLS = frozenset({"function", "custom"})
+_TEXT_VARIABLES = frozenset({"input_text"})
+
+
+def prompt_variables(prompt: Any) -> tuple[Any, list[dict[str, Any]]]:
+    """A stored prompt's variables: (what is screened as documents, the parts that are no text)."""
+    variables = prompt.get("variables") if isinstance(prompt, dict) else None
+    if not isinstance(variables, dict):
+        return variables, []
+    documents: dict[str, Any] = {}
+    parts: list[dict[str, Any]] = []
+    for name, value in variables.items():
+        if isinstance(value, dict) and value.get("type") not in _TEXT_VARIABLES:
+            parts.append(_part(value, f"prompt.variables.{name}"))
+        else:
+            documents[name] = value
+    return documents, parts
+
+
+def hosted_tools(tools: Any) -> list[dict[str, Any]]:
+    if not isinstance(tools, list):
+        return []
+    kinds = [tool.get("type") if isinstance(tool, dict) else None for tool in tools]
+    names = [kind if isinstance(kind, str) and kind else "unknown" for kind in kinds if kind not in SCREENED_TOOLS]
+    return [{"type": name} for name in dict.fromkeys(names)]
 
 
 def input_message(item: Any, at: str) -> dict[str, Any]:
