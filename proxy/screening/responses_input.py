@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.errors import BadRequest
-from proxy.screening.collect import ThreadedRequest
+from proxy.screening.collect import DOCUMENT_FIELDS, UNSCREENABLE_FIELDS, ThreadedRequest
 
 MESSAGE_ROLES = frozenset({"user", "system", "developer", "assistant"})
 # Item fields that identify or describe an item rather than carry text a model reads.
@@ -77,8 +77,16 @@ def chat_body(payload: dict[str, Any]) -> dict[str, Any]:
     text = payload.get("text")
     if isinstance(text, dict) and "format" in text:
         body["response_format"] = text["format"]
+    # vLLM's Responses server also takes chat's engine fields: its template kwargs are screened and a
+    # template refused as chat's are (collect.py); earlier turns sent as its own messages are refused.
+    if "previous_input_messages" in payload:
+        raise BadRequest(
+            "'previous_input_messages' cannot be screened here: send earlier turns as input items.",
+            param="previous_input_messages",
+        )
+    body |= {field: payload[field] for field in (*DOCUMENT_FIELDS, *UNSCREENABLE_FIELDS) if field in payload}
     if documents is not None:
-        body["documents"] = documents
+        body["documents"] = [body["documents"], documents] if "documents" in body else documents
     return body
 
 
