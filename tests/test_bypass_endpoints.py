@@ -14,6 +14,7 @@ import pytest
 
 from tests.fakes.guards import ScriptedConversationGuard, ScriptedTextGuard
 from tests.fakes.responses import FakeResponses
+from tests.fakes.upstream import FakeUpstream
 from tests.server.test_responses import POLICY, REFUSAL, blocked
 
 TRIGGER = "bomb"  # the scripted Llama Guard flags it in any turn
@@ -21,8 +22,9 @@ PNG = "data:image/png;base64,iVBORw0KGgo="
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[FakeResponses]:
-    fake = await FakeResponses().start()
+async def upstream(request: pytest.FixtureRequest) -> AsyncIterator[FakeUpstream]:
+    """The Responses fake; the chat fake (which serves legacy completions) for tests named `*completion*`."""
+    fake = await (FakeUpstream() if "completion" in request.node.name else FakeResponses()).start()
     yield fake
     await fake.stop()
 
@@ -209,3 +211,33 @@ async def test_vllm_request_fields_a_model_reads_are_screened(
         assert status == 400
     else:
         assert status == 200 and REFUSAL.encode() in body
+
+
+COMPLETIONS_POLICY = POLICY.replace("/v1/responses]", "/v1/responses, /v1/completions]")
+
+
+@pytest.mark.parametrize(
+    "logprobs",
+    [
+        pytest.param({"tokens": ["A", f" {TRIGGER}"], "token_logprobs": [-0.1, -0.2]}, id="tokens-other-than-the-text"),
+        pytest.param({"tokens": ["Fine", "."], "top_logprobs": [{"Fine": -0.1, TRIGGER: -2.0}, {".": -0.1}]}, id="top"),
+        pytest.param(f"a {TRIGGER}", id="not-an-object"),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_completion_logprobs_text_is_screened(
+    start_proxy: Any, upstream: FakeUpstream, logprobs: Any, stream: bool
+) -> None:
+    """A completion choice's `logprobs` (its tokens and each position's alternatives, which a client
+    shows) were never read: only `text` was, as if the tokens always spelled it."""
+    choice = {"text": "Fine.", "index": 0, "logprobs": logprobs, "finish_reason": "stop"}
+    reply = {"id": "cmpl-x", "object": "text_completion", "created": 1, "model": "m", "choices": [choice]}
+    upstream.mode = "raw"
+    upstream.raw_body = json.dumps(reply).encode()
+    upstream.raw_chunks = [b"data: " + upstream.raw_body + b"\n\n", b"data: [DONE]\n\n"]
+    body = {"model": "m", "prompt": "Hi", "logprobs": 2, "stream": stream}
+    async with start_proxy(policies={"default": COMPLETIONS_POLICY}) as proxy:
+        status, answer = await post_raw(proxy.url, "/v1/completions", body)
+    assert status == 200
+    assert TRIGGER.encode() not in answer
+    assert REFUSAL.encode() in answer

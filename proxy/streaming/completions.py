@@ -2,7 +2,8 @@
 a refusal replaces it: a JSON reply's choices, a held stream's chunks, and the proxy's own refusals.
 
 A choice's `text` is read as its content and every other field's strings as extra text (as chat
-reads a choice); `logprobs` mirror the text's tokens. A stream is held like a chat stream: the
+reads a choice); of `logprobs`, the tokens where they do not spell the text and each position's
+alternatives (a client may show them). A stream is held like a chat stream: the
 chunks are read by the chat reader once each choice's `text` is put where a chat delta carries it.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from proxy.screening.collect import Reply
+from proxy.screening.collect import Reply, extra_text
 from proxy.streaming.buffered import HeldStream
 from proxy.streaming.reply import Added
 from proxy.streaming.shape import MalformedReply, index_of, mapping, other_text, reply_object, text_of
@@ -38,7 +39,7 @@ def read_completion(body: bytes) -> tuple[dict[str, Any], list[Reply]]:
         if any(r.index == index for r in replies):
             raise MalformedReply(f"two choices have index {index}")
         text_of(choice, "finish_reason", at)
-        texts = [text_of(choice, "text", at)]
+        texts = [text_of(choice, "text", at), logprobs_text(choice.get("logprobs"), texts_of(choice))]
         texts += [t for extra in other_text(choice, CHOICE_FIELDS).values() for t in extra]
         replies.append(Reply(index, "\n".join(t for t in texts if t)))
     return reply, replies
@@ -71,8 +72,38 @@ def _as_delta(choice: Any) -> Any:
     text = choice.get("text")
     if not (text is None or isinstance(text, str)):
         raise MalformedReply("choices[].text is not a string")
-    rest = {k: v for k, v in choice.items() if k != "text"}
+    rest = {k: v for k, v in choice.items() if k not in ("text", "logprobs")}
+    # An unknown choice field is screened by the chat reader: the logprobs' text goes in as one.
+    if shown := logprobs_text(choice.get("logprobs"), text or ""):
+        rest[LOGPROBS_TEXT] = shown + " "
     return {**rest, "delta": {"content": text}}
+
+
+LOGPROBS_TEXT = "logprobs_text"
+"""The field name the stream reader sees a choice's logprobs text under (never sent anywhere)."""
+
+
+def texts_of(choice: dict[str, Any]) -> str:
+    text = choice.get("text")
+    return text if isinstance(text, str) else ""
+
+
+def logprobs_text(logprobs: Any, text: str) -> str:
+    """What a client may show of a choice's `logprobs`: its tokens where they do not spell `text`, each
+    position's alternatives, and any other string in it (the numbers and offsets are no text)."""
+    if logprobs is None:
+        return ""
+    if not isinstance(logprobs, dict):
+        return " ".join(extra_text({"logprobs": logprobs}))
+    rest = dict(logprobs)
+    tokens, top = rest.pop("tokens", None), rest.pop("top_logprobs", None)
+    shown = []
+    if not (isinstance(tokens, list) and "".join(map(str, tokens)) == text):
+        shown += extra_text({"tokens": tokens})
+    if isinstance(top, list):
+        shown += [key for alternatives in top if isinstance(alternatives, dict) for key in alternatives]
+        top = [alternatives for alternatives in top if not isinstance(alternatives, dict)]
+    return " ".join(shown + extra_text({"top_logprobs": top, **rest}))
 
 
 def refused_choice(index: int, refusal: str) -> dict[str, Any]:
