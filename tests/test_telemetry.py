@@ -80,6 +80,7 @@ def traced(start_proxy: Any, collector: Collector) -> Traced:
     @asynccontextmanager
     async def factory(**overrides: Any) -> AsyncIterator[tuple[Proxy, InMemorySpanExporter]]:
         telemetry = {"enabled": True, "endpoint": collector.url, "service_name": "proxy-under-test"}
+        telemetry.update(overrides.pop("telemetry", {}))
         async with start_proxy(telemetry=telemetry, tenants=TENANTS, **overrides) as proxy:
             memory = InMemorySpanExporter()
             proxy.app[TRACING].provider.add_span_processor(SimpleSpanProcessor(memory))
@@ -302,6 +303,22 @@ async def test_check_span_counts_verdict_cache_hits(
     assert (first.get("guardrail.cache.hits"), first["guardrail.cache.misses"]) == (None, 1)
     assert (second["guardrail.cache.hits"], second.get("guardrail.cache.misses")) == (1, None)
     assert second["guardrail.score"] == first["guardrail.score"]
+
+
+async def test_sample_ratio_zero_records_only_what_the_client_sampled(traced: Traced, collector: Collector) -> None:
+    """New traces are not recorded at ratio 0, yet upstream still gets a traceparent (not sampled);
+    a client's sampled traceparent is followed."""
+    async with traced(telemetry={"enabled": True, "endpoint": collector.url, "sample_ratio": 0}) as (proxy, memory):
+        client = proxy.client(key=TENANT_KEY)
+        await client.chat.completions.create(model="m", messages=hi())
+        assert memory.get_finished_spans() == ()
+        headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
+        await client.chat.completions.create(model="m", messages=hi(), extra_headers=headers)
+    unsampled, sampled = ({k.lower(): v for k, v in r.headers.items()} for r in proxy.upstream.chat_requests)
+    assert int(unsampled["traceparent"].rpartition("-")[2], 16) & 1 == 0  # the sampled flag
+    assert sampled["traceparent"].startswith(f"00-{TRACE_ID}-")
+    assert int(sampled["traceparent"].rpartition("-")[2], 16) & 1 == 1
+    assert {f"{s.context.trace_id:032x}" for s in memory.get_finished_spans()} == {TRACE_ID}
 
 
 async def test_untraced_requests_get_no_trace_header_upstream(start_proxy: Any) -> None:
