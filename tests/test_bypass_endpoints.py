@@ -4,6 +4,7 @@ or raw aiohttp -> the proxy -> a fake upstream on 127.0.0.1) with the scripted t
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,10 +31,10 @@ async def upstream(request: pytest.FixtureRequest) -> AsyncIterator[FakeUpstream
 
 
 async def post_raw(url: str, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(url + path, json=body, headers={"Authorization": "Bearer k"}) as resp,
-    ):
+    # A BytesIO body: aiohttp warns that large bytes sent at once could hold its loop.
+    data = io.BytesIO(json.dumps(body).encode())
+    headers = {"Authorization": "Bearer k", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http, http.post(url + path, data=data, headers=headers) as resp:
         return resp.status, await resp.read()
 
 
@@ -241,3 +242,26 @@ async def test_completion_logprobs_text_is_screened(
     assert status == 200
     assert TRIGGER.encode() not in answer
     assert REFUSAL.encode() in answer
+
+
+async def test_many_tiny_input_items_are_refused_before_they_are_read(
+    start_proxy: Any, upstream: FakeResponses
+) -> None:
+    """250,000 one-letter items (1 MB) were each mapped to a chat message and validated on the event
+    loop (seconds) before the route's `max_messages` refused them; the count is checked first now."""
+    body = {"model": "m", "input": ["a"] * 250_000}
+    async with start_proxy(policies={"default": POLICY}) as proxy:
+        status, answer = await post_raw(proxy.url, "/v1/responses", body)
+    assert status == 400 and b"Too many messages" in answer
+    assert upstream.response_requests == []
+
+
+async def test_many_tiny_moderation_inputs_are_refused_before_they_are_read(
+    start_proxy: Any, upstream: FakeResponses
+) -> None:
+    """As many empty strings: each was made a moderation input on the loop before the count was checked."""
+    body = {"input": [""] * 300_000}
+    policy = POLICY.replace("/v1/responses]", "/v1/responses, /v1/moderations]")
+    async with start_proxy(policies={"default": policy}) as proxy:
+        status, answer = await post_raw(proxy.url, "/v1/moderations", body)
+    assert status == 400 and b"Too many inputs" in answer
