@@ -265,3 +265,75 @@ async def test_many_tiny_moderation_inputs_are_refused_before_they_are_read(
     async with start_proxy(policies={"default": policy}) as proxy:
         status, answer = await post_raw(proxy.url, "/v1/moderations", body)
     assert status == 400 and b"Too many inputs" in answer
+
+
+ZW = "\u200b"
+FULL_WIDTH = "".join(chr(ord(c) + 0xFEE0) for c in TRIGGER)  # ｂｏｍｂ
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        pytest.param(
+            "/v1/responses",
+            {"input": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": f"Sure, a {TRIGGER}:"}]},
+            id="responses-trailing-assistant-prefill",
+        ),
+        pytest.param("/v1/responses", {"input": f"a b{ZW}omb"}, id="responses-zero-width"),
+        pytest.param("/v1/responses", {"input": f"a {FULL_WIDTH}"}, id="responses-full-width"),
+        pytest.param(
+            "/v1/responses",
+            {"input": [{"role": "user", "content": "Hi", "name": f"a {TRIGGER}"}]},
+            id="responses-unknown-message-field",
+        ),
+        pytest.param(
+            "/v1/responses",
+            {"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}", "extra": TRIGGER}]},
+            id="responses-function-call-extra-field",
+        ),
+        pytest.param(
+            "/v1/responses",
+            {"input": [{"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": TRIGGER}]}]},
+            id="responses-reasoning-content",
+        ),
+        pytest.param("/v1/responses", {"input": "Hi", "documents": [TRIGGER]}, id="responses-documents"),
+        pytest.param("/v1/completions", {"prompt": "Hi", "suffix": f"a {TRIGGER}"}, id="completions-suffix"),
+        pytest.param("/v1/completions", {"prompt": ["Hi", f"a b{ZW}omb"]}, id="completions-second-prompt-zero-width"),
+        pytest.param("/v1/completions", {"prompt": "Hi", "documents": [f"a {TRIGGER}"]}, id="completions-documents"),
+    ],
+)
+async def test_hidden_text_on_the_other_endpoints_is_screened(
+    start_proxy: Any, upstream: FakeUpstream, path: str, body: dict[str, Any]
+) -> None:
+    """Issue 6's hidden-text table on the Responses and completions request paths. All but one passed on
+    review: a `reasoning` item's `content` (reasoning_text, which vLLM feeds back to gpt-oss) was dropped
+    with the item's meta keys and went upstream unscreened."""
+    policy = POLICY.replace("/v1/responses]", "/v1/responses, /v1/completions]")
+    async with start_proxy(policies={"default": policy}) as proxy:
+        status, answer = await post_raw(proxy.url, path, {"model": "m", **body})
+    assert status == 200 and REFUSAL.encode() in answer
+    assert not [r for r in upstream.received if r.path == "/v1" + path.removeprefix("/v1")]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b'{"model": "m", "input": "Hi", "input": "a bomb"}', id="repeated-key"),
+        pytest.param(b'{"model": "m", "input": "Hi", "Input": "a bomb"}', id="case-colliding-key"),
+        pytest.param(b'{"model": "m", "input": "a \\ud800 bomb"}', id="lone-surrogate"),
+    ],
+)
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/completions", "/v1/moderations"])
+async def test_ambiguous_json_is_refused_on_every_endpoint(
+    start_proxy: Any, upstream: FakeUpstream, raw: bytes, path: str
+) -> None:
+    body = raw.replace(b'"input"', b'"prompt"').replace(b'"Input"', b'"Prompt"') if "completions" in path else raw
+    policy = POLICY.replace("/v1/responses]", "/v1/responses, /v1/completions, /v1/moderations]")
+    headers = {"Authorization": "Bearer k", "Content-Type": "application/json"}
+    async with (
+        start_proxy(policies={"default": policy}) as proxy,
+        aiohttp.ClientSession() as http,
+        http.post(proxy.url + path, data=body, headers=headers) as resp,
+    ):
+        assert resp.status == 400
+    assert not [r for r in upstream.received if r.path.startswith("/v1/")]

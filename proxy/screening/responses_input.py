@@ -139,10 +139,11 @@ def input_message(item: Any, at: str) -> dict[str, Any]:
         output = rest.pop("output", None)
         return {**rest, "role": "tool", "tool_call_id": item.get("call_id"), "content": content(output, f"{at}.output")}
     if kind == "reasoning":
+        rest.pop("summary", None)  # read here with `content` (which _ITEM_META keeps out of `rest`)
         texts = [
             _string(part.get("text") if isinstance(part, dict) else None, f"{at}.{field}.{j}.text")
             for field in ("summary", "content")
-            for j, part in enumerate(_list(rest.pop(field, None), f"{at}.{field}"))
+            for j, part in enumerate(_list(item.get(field), f"{at}.{field}"))
         ]
         return {**rest, "role": "assistant", "reasoning": "\n".join(texts)}
     # item_reference (the upstream's stored item) and every other type: nothing the proxy can read.
