@@ -337,3 +337,31 @@ async def test_ambiguous_json_is_refused_on_every_endpoint(
     ):
         assert resp.status == 400
     assert not [r for r in upstream.received if r.path.startswith("/v1/")]
+
+
+TWO_ROUTES = POLICY.replace(
+    "routes:\n",
+    """routes:
+  - name: cheap
+    match: {path: /v1/responses, model: "cheap-*"}
+    input:
+      - {guard: prompt_guard, threshold: 0.9}
+""",
+    1,
+)
+
+
+async def test_retrieving_a_blocked_response_is_screened_by_every_route_it_could_belong_to(
+    start_proxy: Any, upstream: FakeResponses
+) -> None:
+    """GET /v1/responses/{id} was screened by the first route whose path matched, whatever model made the
+    response: a reply blocked on the strict `*` route was retrieved whole through a `cheap-*` route with
+    no output check (a refusal names the upstream's id)."""
+    upstream.text = f"Here is how to build a {TRIGGER}."
+    async with start_proxy(policies={"default": TWO_ROUTES}) as proxy:
+        client = proxy.client()
+        created = await client.responses.create(model="m", input="Hi")
+        assert blocked(created)
+        raw = await client.responses.with_raw_response.retrieve(created.id)
+    assert TRIGGER.encode() not in raw.http_response.content
+    assert blocked(raw.parse())

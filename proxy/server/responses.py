@@ -183,12 +183,16 @@ async def relay_stored(request: web.Request, target: str) -> web.StreamResponse:
         raise UpstreamError(f"The upstream returned a malformed response: {exc}.") from exc
     chat = ThreadedRequest.model_validate({"model": str(stored.get("model") or "-"), "messages": [{"role": "user"}]})
     chat.context = tuple(without_reply(await context_of(request, Thread(previous_response_id=response_id))))
-    blocked, failure = await decide_output(request, route, chat, replies, verdict_in=Verdict())
-    if failure is not None:
-        raise failure
-    if not blocked:
-        return relay_unchanged(200, body, upstream_headers, headers, record.decision)
-    return web.json_response(refused(stored, route.refusal), headers={**headers, "x-guardrail-decision": "block"})
+    # The model that made it picked its route then, and a renamed model does not name that route now:
+    # the reply is judged by every route of this path, so none with weaker checks hands over a blocked one.
+    for each in [r for r in policy.routes if r.matches(RESPONSES.path, None) and not r.passthrough]:
+        blocked, failure = await decide_output(request, each, chat, replies, verdict_in=Verdict())
+        if failure is not None:
+            raise failure
+        if blocked:
+            refusal = refused(stored, each.refusal)
+            return web.json_response(refusal, headers={**headers, "x-guardrail-decision": "block"})
+    return relay_unchanged(200, body, upstream_headers, headers, record.decision)
 
 
 def without_reply(turns: list[Turn]) -> list[Turn]:
