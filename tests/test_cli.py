@@ -48,7 +48,10 @@ def test_check_prints_a_line_per_tenant_route(tmp_path: Path, capsys: pytest.Cap
     assert main(["check", "--config", str(write_config(tmp_path, extra=extra))]) == 0
     out = capsys.readouterr().out
     assert "tenant acme: policy acme@" in out
-    assert "route chat: /v1/chat/completions,/v1/responses,/v1/completions model * -> default, enforce, on_block=error" in out
+    assert (
+        "route chat: /v1/chat/completions,/v1/responses,/v1/completions,/v1/moderations model * -> default, enforce, "
+        "on_block=error" in out
+    )
     assert "route embeddings: /v1/embeddings model * -> passthrough" in out
 
 
