@@ -62,6 +62,9 @@ class ChatWire:
     ) -> None:
         return None
 
+    async def withheld(self, request: web.Request, chat: ChatRequest, reply_id: str | None) -> None:
+        return None
+
 
 CHAT = ChatWire()
 

@@ -130,6 +130,9 @@ class CompletionsWire:
     ) -> None:
         return None
 
+    async def withheld(self, request: web.Request, chat: ChatRequest, reply_id: str | None) -> None:
+        return None
+
 
 COMPLETIONS = CompletionsWire()
 

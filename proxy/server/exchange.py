@@ -199,11 +199,13 @@ async def relay_json(call: Call) -> web.StreamResponse:
         detail = f": {exc}" if isinstance(exc, MalformedReply) else ""
         raise UpstreamError(f"The upstream returned a malformed reply{detail}.") from exc
     blocked, failure = await decide_output(request, route, call.chat, replies, call.verdict_in)
+    reply_id = reply_json.get("id") if isinstance(reply_json.get("id"), str) else None
+    if failure is not None or blocked:
+        await call.wire.withheld(request, call.chat, reply_id)
     if failure is not None:
         raise failure
     if not blocked:
-        reply_id = reply_json.get("id")
-        await call.wire.answered(request, call.chat, reply_id if isinstance(reply_id, str) else None, replies)
+        await call.wire.answered(request, call.chat, reply_id, replies)
         return relay_unchanged(200, body, upstream_headers, call.headers, record.decision)
     replaced = call.wire.replace(call.chat, reply_json, blocked, route.refusal)
     return web.json_response(replaced, headers={**call.headers, "x-guardrail-decision": "block"})
@@ -285,6 +287,8 @@ async def finish_stream(call: Call, held_response: HeldResponse, held: HeldStrea
     request, route = call.request, call.route
     replies = held.replies()
     blocked, failure = await decide_output(request, route, call.chat, replies, call.verdict_in)
+    if failure is not None or blocked:
+        await call.wire.withheld(request, call.chat, held.id)
     if failure is not None:
         return await held_response.send_error(failure)
     if not blocked:

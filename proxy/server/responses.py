@@ -46,6 +46,9 @@ from proxy.upstream.relay import Outgoing
 THREAD = web.RequestKey("responses_thread", Thread)
 # A conversation's turns are kept under its id, apart from response ids.
 CONVERSATION_KEY = "conversation:"
+# A response (or conversation) whose reply the client did not get is marked under this prefix: the
+# upstream keeps that reply, and a turn continuing it would have the model read it (and re-encode it).
+WITHHELD_KEY = "withheld:"
 
 
 class ResponsesWire:
@@ -62,6 +65,7 @@ class ResponsesWire:
         except ValidationError as exc:
             raise invalid(exc) from exc
         request[THREAD] = thread
+        await refuse_withheld(request, thread)
         chat.context = tuple(await context_of(request, thread))
         return chat
 
@@ -103,6 +107,14 @@ class ResponsesWire:
         if thread.conversation is not None:
             await store.put(tenant, CONVERSATION_KEY + thread.conversation, turns)
 
+    async def withheld(self, request: web.Request, chat: ChatRequest, reply_id: str | None) -> None:
+        store, tenant = request.app.get(RESPONSE_STATE), record_of(request).tenant
+        thread = request.get(THREAD) or Thread()
+        keys = [reply_id, None if thread.conversation is None else CONVERSATION_KEY + thread.conversation]
+        for key in keys:
+            if store is not None and tenant is not None and key is not None:
+                await store.put(tenant, WITHHELD_KEY + key, [])
+
 
 def chain(chat: ChatRequest, reply: Reply) -> list[Turn]:
     """What is kept of a passed response: its context, its input and its reply, as Llama Guard turns."""
@@ -111,6 +123,23 @@ def chain(chat: ChatRequest, reply: Reply) -> list[Turn]:
 
 RESPONSES = ResponsesWire()
 _WIRE: WireFormat = RESPONSES  # ResponsesWire implements the protocol
+
+
+async def refuse_withheld(request: web.Request, thread: Thread) -> None:
+    """A 400 for a turn that continues a reply this proxy withheld (see WITHHELD_KEY)."""
+    store, tenant = request.app.get(RESPONSE_STATE), record_of(request).tenant
+    if store is None or tenant is None:
+        return
+    if thread.conversation is not None:
+        key, param = CONVERSATION_KEY + thread.conversation, "conversation"
+        said = "This conversation holds a reply the content policy blocked: start a new one."
+    elif thread.previous_response_id is not None:
+        key, param = thread.previous_response_id, "previous_response_id"
+        said = "The previous response was blocked by the content policy: continue from an earlier one."
+    else:
+        return
+    if await store.get(tenant, WITHHELD_KEY + key) is not None:
+        raise BadRequest(said, param=param)
 
 
 async def context_of(request: web.Request, thread: Thread) -> list[Turn]:

@@ -62,3 +62,8 @@ class WireFormat(Protocol):
     ) -> None:
         """The reply passed its checks and is on its way to the client."""
         ...
+
+    async def withheld(self, request: web.Request, chat: ChatRequest, reply_id: str | None) -> None:
+        """The reply was blocked, or its check failed: the client does not get it (the upstream may
+        still keep it)."""
+        ...
