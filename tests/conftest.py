@@ -40,7 +40,8 @@ setup_logging("info")
 def _preload_sdk() -> None:
     """The SDK imports its resource modules on first use; do it now, not inside a timed test."""
     client = openai.AsyncOpenAI(api_key="preload", base_url="http://127.0.0.1:9/v1")
-    for resource in (client.chat.completions, client.models, client.embeddings, client.completions):
+    resources = (client.chat.completions, client.models, client.embeddings, client.completions, client.moderations)
+    for resource in (*resources, client.responses):
         assert resource is not None
 
 
