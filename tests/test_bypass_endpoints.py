@@ -247,9 +247,9 @@ async def test_completion_logprobs_text_is_screened(
 async def test_many_tiny_input_items_are_refused_before_they_are_read(
     start_proxy: Any, upstream: FakeResponses
 ) -> None:
-    """250,000 one-letter items (1 MB) were each mapped to a chat message and validated on the event
+    """150,000 one-letter items (600 KB) were each mapped to a chat message and validated on the event
     loop (seconds) before the route's `max_messages` refused them; the count is checked first now."""
-    body = {"model": "m", "input": ["a"] * 250_000}
+    body = {"model": "m", "input": ["a"] * 150_000}
     async with start_proxy(policies={"default": POLICY}) as proxy:
         status, answer = await post_raw(proxy.url, "/v1/responses", body)
     assert status == 400 and b"Too many messages" in answer
@@ -260,7 +260,7 @@ async def test_many_tiny_moderation_inputs_are_refused_before_they_are_read(
     start_proxy: Any, upstream: FakeResponses
 ) -> None:
     """As many empty strings: each was made a moderation input on the loop before the count was checked."""
-    body = {"input": [""] * 250_000}
+    body = {"input": [""] * 150_000}
     policy = POLICY.replace("/v1/responses]", "/v1/responses, /v1/moderations]")
     async with start_proxy(policies={"default": policy}) as proxy:
         status, answer = await post_raw(proxy.url, "/v1/moderations", body)
@@ -387,3 +387,15 @@ async def test_a_turn_continuing_a_blocked_response_is_refused(
         status, body = await post_raw(proxy.url, "/v1/responses", follow)
     assert status == 400 and b"blocked" in body
     assert len(upstream.response_requests) == 1
+
+
+async def test_an_image_part_naming_a_file_too_is_refused(start_proxy: Any, upstream: FakeResponses) -> None:
+    """An `input_image` with a screened inline `image_url` and also a `file_id`: which one the upstream
+    shows the model is its choice, so the part is one the proxy cannot screen with certainty."""
+    image = {"type": "input_image", "image_url": PNG, "file_id": "file-1"}
+    given: Any = [{"role": "user", "content": [{"type": "input_text", "text": "What is this?"}, image]}]
+    async with start_proxy(policies={"default": POLICY}) as proxy:
+        with pytest.raises(openai.BadRequestError) as exc:
+            await proxy.client().responses.create(model="m", input=given)
+    assert "input_image" in str(exc.value)
+    assert upstream.response_requests == []

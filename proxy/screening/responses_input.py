@@ -164,9 +164,10 @@ def _part(part: Any, at: str) -> dict[str, Any]:
         raise BadRequest("A content part must be an object.", param=at)
     if part.get("type") == "input_image":
         url = part.get("image_url")
-        if isinstance(url, str):
+        if isinstance(url, str) and part.get("file_id") is None:
             return {"type": "image_url", "image_url": {"url": url}}
-        # A `file_id` names an upload the proxy never sees: an input_image part it cannot screen.
+        # A `file_id` names an upload the proxy never sees (beside a URL, the upstream picks which one the
+        # model sees): an input_image part it cannot screen.
         return {"type": "input_image"}
     # input_text / output_text / refusal are text parts to collect.py; input_file, input_audio and
     # the rest are refused there unless the route lets them through.

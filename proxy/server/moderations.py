@@ -55,7 +55,7 @@ async def moderations(request: web.Request) -> web.Response:
     if not route.input:
         raise NotFound(f"Route '{route.name}' has no input checks: it cannot moderate.")
     given = payload.get("input")
-    # Counted before it is read: reading makes an object per entry on the loop (300,000 took a second).
+    # Counted before it is read: reading makes an object per entry on the loop (150,000 took half a second).
     if isinstance(given, list) and len(given) > route.limits.max_messages:
         what = "inputs" if isinstance(given[0], str) else "parts"
         raise BadRequest(f"Too many {what}: {len(given)} > {route.limits.max_messages}.", param="input")
