@@ -399,3 +399,33 @@ async def test_an_image_part_naming_a_file_too_is_refused(start_proxy: Any, upst
             await proxy.client().responses.create(model="m", input=given)
     assert "input_image" in str(exc.value)
     assert upstream.response_requests == []
+
+
+TOP: list[dict[str, Any]] = [{"token": "Hi", "logprob": -0.1, "top_logprobs": [{"token": TRIGGER, "logprob": -3.0}]}]
+
+
+@pytest.mark.parametrize(
+    ("logprobs", "stream"),
+    [
+        pytest.param(TOP, False, id="json-top-alternative"),
+        pytest.param([{"token": f"a {TRIGGER}", "logprob": -0.1}], False, id="json-tokens-other-than-the-text"),
+        pytest.param(TOP, True, id="stream-top-alternative"),
+    ],
+)
+async def test_response_logprobs_text_is_screened(
+    start_proxy: Any, upstream: FakeResponses, logprobs: Any, stream: bool
+) -> None:
+    """An output_text part's `logprobs` (include: message.output_text.logprobs) carry tokens and each
+    position's alternatives, which a client may show; they were skipped as mirroring the text."""
+    part = {"type": "output_text", "text": "Hi", "annotations": [], "logprobs": logprobs}
+    final = {**COMPLETED, "output": [{**MESSAGE, "content": [part]}]}
+    upstream.mode = "raw"
+    upstream.raw_body = json.dumps(final).encode()
+    if stream:
+        delta = {"type": "response.output_text.delta", **AT, "delta": "Hi", "logprobs": logprobs}
+        upstream.raw_body = sse({"type": "response.created", "response": STARTED}, delta, DONE_EVENT)
+    async with start_proxy(policies={"default": POLICY}) as proxy:
+        status, body = await post_raw(proxy.url, "/v1/responses", {"model": "m", "input": "Hi", "stream": stream})
+    assert status == 200
+    assert TRIGGER.encode() not in body
+    assert REFUSAL.encode() in body

@@ -23,7 +23,7 @@ from proxy.streaming.sse import Event, MalformedStream, frame_data
 
 MAX_OUTPUT_ITEMS = 4096
 # Event and item fields that locate or identify, or are opaque to the client: never text it reads
-# (`obfuscation` is random padding, `logprobs` mirror the text, `encrypted_content` only the upstream reads).
+# (`obfuscation` is random padding, `logprobs` are read apart, `encrypted_content` only the upstream reads).
 _META = frozenset(
     {
         "type", "sequence_number", "output_index", "content_index", "summary_index", "item_id", "id",
@@ -109,6 +109,7 @@ class ResponseText:
         stem, key = _PART_TEXT.get(part.get("type"), ("part", ""))
         if key:
             self.final((o, stem, c), text_of(part, key, at))
+        self.final((o, "logprobs", c), logprobs_text(part.get("logprobs"), part.get(key) if key else None))
         # annotations (citation titles, URLs) and any other field's strings
         self.final((o, "part", c), *extra_text({k: v for k, v in part.items() if k not in _META and k != key}))
 
@@ -118,6 +119,18 @@ class ResponseText:
         # The `output_text` shortcut some upstreams add, and any field the API does not define.
         other = {k: v for k, v in response.items() if k not in RESPONSE_FIELDS}
         self.final((MAX_OUTPUT_ITEMS, "response", 0), *extra_text(other))
+
+
+def logprobs_text(logprobs: Any, text: Any) -> str:
+    """What a client may show of a text's `logprobs`: its tokens where they do not spell the text, and
+    each position's alternatives (the numbers and bytes are no text)."""
+    if logprobs is None:
+        return ""
+    entries = logprobs if isinstance(logprobs, list) else [logprobs]
+    spelled = all(isinstance(e, dict) and isinstance(e.get("token"), str) for e in entries)
+    if spelled and "".join(e["token"] for e in entries) == text:
+        entries = [{k: v for k, v in e.items() if k != "token"} for e in entries]
+    return " ".join(extra_text({"logprobs": entries}))
 
 
 def _index(event: dict[str, Any], key: str, limit: int = MAX_OUTPUT_ITEMS) -> int:
@@ -185,6 +198,8 @@ class ResponsesStream(HeldStream):
         rest = {k: v for k, v in chunk.items() if k not in _META and k not in _PAYLOADS}
         if stem == "response.audio":
             return  # base64 sound, not text; its transcript comes in response.audio.transcript.*
+        said = chunk.get("delta", chunk.get("text"))
+        self.text.final((o, "logprobs", sub), logprobs_text(chunk.get("logprobs"), said))
         if last == "delta" and isinstance(rest.get("delta"), str):
             self.text.delta((o, stem, sub), rest.pop("delta"))
         self.text.final((o, stem if last == "done" else kind, sub), *extra_text(rest))
