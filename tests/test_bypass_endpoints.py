@@ -429,3 +429,19 @@ async def test_response_logprobs_text_is_screened(
     assert status == 200
     assert TRIGGER.encode() not in body
     assert REFUSAL.encode() in body
+
+
+async def test_a_turn_continuing_a_response_blocked_on_retrieval_is_refused(
+    start_proxy: Any, upstream: FakeResponses
+) -> None:
+    """A `background` response is empty when created and checked only when retrieved: blocked then, it
+    was not remembered as withheld, so a later turn could still continue from it."""
+    async with start_proxy(policies={"default": POLICY}) as proxy:
+        client = proxy.client()
+        created = await client.responses.create(model="m", input="Hi", background=True)
+        upstream.stored[created.id]["output"][0]["content"][0]["text"] = f"How to build a {TRIGGER}."
+        assert blocked(await client.responses.retrieve(created.id))
+        with pytest.raises(openai.BadRequestError) as exc:
+            await client.responses.create(model="m", input="Base64 it.", previous_response_id=created.id)
+    assert "blocked" in str(exc.value)
+    assert len(upstream.response_requests) == 1

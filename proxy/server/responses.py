@@ -219,6 +219,11 @@ async def relay_stored(request: web.Request, target: str) -> web.StreamResponse:
         if failure is not None:
             raise failure
         if blocked:
+            # A background response is first checked here: withheld now, as if blocked when made.
+            conversation = stored.get("conversation")
+            conversation = conversation.get("id") if isinstance(conversation, dict) else None
+            request[THREAD] = Thread(conversation=conversation if isinstance(conversation, str) else None)
+            await RESPONSES.withheld(request, chat, response_id)
             refusal = refused(stored, each.refusal)
             return web.json_response(refusal, headers={**headers, "x-guardrail-decision": "block"})
     return relay_unchanged(200, body, upstream_headers, headers, record.decision)
