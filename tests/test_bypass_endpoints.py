@@ -321,6 +321,8 @@ async def test_hidden_text_on_the_other_endpoints_is_screened(
         pytest.param(b'{"model": "m", "input": "Hi", "input": "a bomb"}', id="repeated-key"),
         pytest.param(b'{"model": "m", "input": "Hi", "Input": "a bomb"}', id="case-colliding-key"),
         pytest.param(b'{"model": "m", "input": "a \\ud800 bomb"}', id="lone-surrogate"),
+        pytest.param(b'{"model": "m", "input": "a \xed\xa0\x80 bomb"}', id="surrogate-encoded-in-utf8"),
+        pytest.param('{"model": "m", "input": "a \ud800 bomb"}'.encode("utf-16-le", "surrogatepass"), id="utf-16"),
     ],
 )
 @pytest.mark.parametrize("path", ["/v1/responses", "/v1/completions", "/v1/moderations"])

@@ -3,6 +3,8 @@ text that no guard (and no UTF-8 upstream) can read are 400s, never a 500 or a g
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 from aiohttp import web
@@ -56,13 +58,31 @@ def parse_json_object(raw: bytes, *, max_depth: int) -> dict[str, Any]:
         raise BadRequest(f"We could not parse the JSON body of your request: {exc}") from exc
     if not isinstance(payload, dict):
         raise BadRequest("The request body must be a JSON object.")
-    check_values(payload, max_depth=max_depth)
+    check_values(payload, max_depth=max_depth, texts=may_hold_surrogates(raw))
     return payload
 
 
-def check_values(payload: Any, *, max_depth: int) -> None:
-    """Walk every value once (iteratively): depth within the limit, every string valid Unicode
-    (a lone surrogate such as `\\ud800` is legal JSON but cannot be encoded, screened or sent)."""
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def may_hold_surrogates(raw: bytes) -> bool:
+    """False when no string parsed from `raw` can hold a surrogate: strict UTF-8 without a `\\uD800`
+    to `\\uDFFF` escape (a pair too: the string check decides then). Checking every string of a
+    megabyte body on the loop took a second; these two scans take milliseconds."""
+    if json.detect_encoding(raw) != "utf-8" or _SURROGATE_ESCAPE.search(raw) is not None:
+        return True
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:  # loads reads it with surrogatepass: encoded surrogates become strings
+        return True
+    return False
+
+
+def check_values(payload: Any, *, max_depth: int, texts: bool = True) -> None:
+    """Walk every value once (iteratively): depth within the limit and, with `texts`, every string valid
+    Unicode (a lone surrogate such as `\\ud800` is legal JSON but cannot be encoded, screened or sent)."""
+    if not texts and _within_depth(payload, max_depth):
+        return  # else the walk below names where it is too deep
     stack: list[tuple[Any, int, str]] = [(payload, 1, "")]
     while stack:
         value, depth, path = stack.pop()
@@ -78,6 +98,21 @@ def check_values(payload: Any, *, max_depth: int) -> None:
             if isinstance(key, str):
                 _check_text(key, path)
             stack.append((item, depth + 1, f"{path}.{key}" if path else str(key)))
+
+
+def _within_depth(payload: Any, max_depth: int) -> bool:
+    """Whether no object or list lies deeper than `max_depth`, one level at a time: a level's scalars
+    are skipped at C speed (loads builds plain dicts and lists)."""
+    level, depth = [payload], 1
+    while level:
+        if depth > max_depth:
+            return False
+        level = [c for v in level for c in (v.values() if type(v) is dict else v) if type(c) in _CONTAINERS]
+        depth += 1
+    return True
+
+
+_CONTAINERS = (dict, list)
 
 
 def _check_text(text: str, path: str) -> None:
