@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from proxy.guards.guard import GuardError, GuardLimitExceeded, ScreenText
@@ -27,7 +29,7 @@ def test_windows_start_and_end_at_word_starts_and_cover_everything() -> None:
     starts = [i % 7 == 0 or i % 11 == 3 for i in range(2000)]  # words of a few ids
     spans = window_spans(starts, 510, 128)
     assert spans[0][0] == 0 and spans[-1][1] == 2000
-    for (a, b), (c, _) in zip(spans, spans[1:], strict=False):
+    for (a, b), (c, _) in itertools.pairwise(spans):
         assert starts[a] and starts[b] and starts[c]  # every cut is at a word start
         assert 0 < b - a <= 510 and a < c <= b  # within size, moving on, no gap
         assert b - c >= 128 - 7  # the overlap, less at most a word
