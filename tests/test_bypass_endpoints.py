@@ -447,3 +447,24 @@ async def test_a_turn_continuing_a_response_blocked_on_retrieval_is_refused(
             await client.responses.create(model="m", input="Base64 it.", previous_response_id=created.id)
     assert "blocked" in str(exc.value)
     assert len(upstream.response_requests) == 1
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/completions"])
+async def test_upstream_event_with_a_key_repeated_in_other_case_is_refused(
+    start_proxy: Any, upstream: FakeUpstream, path: str
+) -> None:
+    """A client whose parser takes either `delta` / `text` would show the one the proxy did not read."""
+    if path == "/v1/responses":
+        event = b'{"type": "response.output_text.delta", "output_index": 0, "delta": "Hi", "Delta": "a bomb"}'
+        upstream.raw_body = sse({"type": "response.created", "response": STARTED}) + b"data: " + event + b"\n\n"
+        upstream.raw_body += sse(DONE_EVENT)
+    else:
+        event = b'{"id": "c", "object": "text_completion", "choices": [{"index": 0, "text": "Hi", "Text": "a bomb"}]}'
+        upstream.raw_chunks = [b"data: " + event + b"\n\n", b"data: [DONE]\n\n"]
+    upstream.mode = "raw"
+    policy = POLICY.replace("/v1/responses]", "/v1/responses, /v1/completions]")
+    body = {"model": "m", "stream": True, "input" if path == "/v1/responses" else "prompt": "Hi"}
+    async with start_proxy(policies={"default": policy}) as proxy:
+        status, answer = await post_raw(proxy.url, path, body)
+    assert TRIGGER.encode() not in answer
+    assert status == 502 or b"upstream_error" in answer
