@@ -1,5 +1,5 @@
 """The prefix KV cache of a Llama Guard model: key/value tensors of prompt prefixes already computed,
-so a check pays only for its new tokens. Used only in the guard runner's thread (llama_guard.py).
+so a check pays only for its new tokens. Used only in the guard runner's thread (llama_guard_prefill.py).
 
 A radix tree of fixed blocks of `BLOCK_TOKENS` token ids, as vLLM's automatic prefix caching: each
 node holds every layer's keys and values for its block, its parent the block before. A prompt's
