@@ -468,3 +468,14 @@ async def test_upstream_event_with_a_key_repeated_in_other_case_is_refused(
         status, answer = await post_raw(proxy.url, path, body)
     assert TRIGGER.encode() not in answer
     assert status == 502 or b"upstream_error" in answer
+
+
+async def test_a_conversation_id_too_long_to_remember_is_refused(start_proxy: Any, upstream: FakeResponses) -> None:
+    """The state store keeps ids of up to 256 characters: a longer conversation id could not be marked
+    as holding a blocked reply (the mark was dropped silently), so its next turn went through."""
+    upstream.text = f"Here is how to build a {TRIGGER}."
+    long_id = "conv_" + "x" * 240
+    async with start_proxy(policies={"default": POLICY}) as proxy:
+        status, _ = await post_raw(proxy.url, "/v1/responses", {"model": "m", "input": "Hi", "conversation": long_id})
+    assert status == 400
+    assert upstream.response_requests == []

@@ -17,6 +17,7 @@ from typing import Any
 from proxy.errors import BadRequest
 from proxy.screening.collect import DOCUMENT_FIELDS, UNSCREENABLE_FIELDS, ThreadedRequest
 
+MAX_THREAD_ID_CHARS = 200
 MESSAGE_ROLES = frozenset({"user", "system", "developer", "assistant"})
 # Item fields that identify or describe an item rather than carry text a model reads.
 _ITEM_META = frozenset({"id", "type", "status", "call_id", "phase", "role", "content", "encrypted_content"})
@@ -39,6 +40,11 @@ def thread_of(payload: dict[str, Any]) -> Thread:
         conversation = conversation.get("id")
     if conversation is not None and not isinstance(conversation, str):
         raise BadRequest("'conversation' must be an id or an object with an id.", param="conversation")
+    # The state store keys (proxy/state) hold an id with a prefix in 256 characters: a longer one could
+    # not be remembered, also not as holding a blocked reply.
+    for param, value in (("previous_response_id", previous), ("conversation", conversation)):
+        if value is not None and len(value) > MAX_THREAD_ID_CHARS:
+            raise BadRequest(f"'{param}' is longer than {MAX_THREAD_ID_CHARS} characters.", param=param)
     return Thread(previous or None, conversation or None)
 
 
