@@ -204,6 +204,11 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge("guardrail_in_flight_requests", "Requests being handled", registry=r)
+        self.ready = Gauge(
+            "guardrail_ready",
+            "1 when /readyz answers 200 (guards loaded, not draining); set at each scrape",
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "guardrail_guard_queue_depth", "Jobs waiting in a guard runner queue", ["device"], registry=r
         )

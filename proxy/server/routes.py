@@ -28,20 +28,26 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+def readiness_of(app: web.Application) -> dict[str, object]:
+    """`status`: ready, or not: loading, failed (`error`), draining."""
+    readiness, drain = app[READINESS], app.get(DRAIN)
+    if drain is not None and drain.draining:
+        return {"status": "draining"}
+    if readiness.ready:
+        return {"status": "ready"}
+    return {"status": "loading" if readiness.error is None else "failed", "error": readiness.error}
+
+
 async def readyz(request: web.Request) -> web.Response:
     """503 while guards load, after they failed, and from the moment a shutdown starts (load
     balancers stop sending before the listener closes). `pid`: which `--workers` process answered."""
-    readiness, drain = request.app[READINESS], request.app.get(DRAIN)
-    if drain is not None and drain.draining:
-        return web.json_response({"status": "draining", "pid": os.getpid()}, status=503)
-    if readiness.ready:
-        return web.json_response({"status": "ready", "pid": os.getpid()})
-    body = {"status": "loading" if readiness.error is None else "failed", "error": readiness.error, "pid": os.getpid()}
-    return web.json_response(body, status=503)
+    body = {**readiness_of(request.app), "pid": os.getpid()}
+    return web.json_response(body, status=200 if body["status"] == "ready" else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
     m = request.app[METRICS]
+    m.ready.set(1 if readiness_of(request.app)["status"] == "ready" else 0)
     return web.Response(body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -26,3 +26,22 @@ async def test_health_ready_and_metrics(start_proxy: Any) -> None:
     )
     assert 'guardrail_guard_latency_seconds_count{guard="llama_guard",side="input"} 1.0' in text
     assert "guardrail_in_flight_requests" in text
+
+
+async def test_ready_gauge_follows_readyz(start_proxy: Any) -> None:
+    """`guardrail_ready` says at each scrape what /readyz would answer: alerts need no probe of their own."""
+    from proxy.server.state import READINESS
+
+    async def scrape(url: str) -> tuple[int, str]:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url + "/readyz") as resp:
+                status = resp.status
+            async with http.get(url + "/metrics") as resp:
+                return status, await resp.text()
+
+    async with start_proxy() as proxy:
+        ready = await scrape(proxy.url)
+        proxy.app[READINESS].ready, proxy.app[READINESS].error = False, "guard llama_guard failed to load"
+        failed = await scrape(proxy.url)
+    assert ready[0] == 200 and "\nguardrail_ready 1.0\n" in ready[1]
+    assert failed[0] == 503 and "\nguardrail_ready 0.0\n" in failed[1]
