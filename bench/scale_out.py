@@ -93,9 +93,13 @@ def start_fakes(models: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     return proc, json.loads(line)
 
 
-def write_config(tmp: Path, urls: dict[str, str], models: Path, in_process: Path | None = None) -> Path:
+def write_config(
+    tmp: Path, urls: dict[str, str], models: Path, in_process: Path | None = None, guard_timeout_s: float = 10
+) -> Path:
+    """`guard_timeout_s`: the route's (10, the default, under load; --memory waits for CPU-bound checks)."""
     (tmp / "policies").mkdir(exist_ok=True)
-    (tmp / "policies" / "default.yaml").write_text(POLICY)
+    policy = POLICY.replace("    input:", f"    guard_timeout_s: {guard_timeout_s}\n    input:")
+    (tmp / "policies" / "default.yaml").write_text(policy)
     if in_process is None:  # the scale-out placement: both guards served elsewhere
         guards: dict[str, Any] = {
             "prompt_guard": {"family": "prompt-guard-2", "backend": "tei", "base_url": urls["tei"],
@@ -289,6 +293,7 @@ async def measure(args: argparse.Namespace, models: Path, tmp: Path) -> dict[str
         direct = await baseline(urls["upstream"].removesuffix("/v1"), args.concurrency, args.baseline_s)
         port = free_port()
         log = tmp / "proxy.log"
+        log.unlink(missing_ok=True)
         proxy = start_proxy(write_config(tmp, urls, models), port, args.workers, log)
         url = f"http://127.0.0.1:{port}"
         await ready(url, args.workers)
@@ -343,7 +348,7 @@ async def memory(models: Path, shapes: Path, tmp: Path) -> dict[str, Any]:
         ]
         for name, in_process in placements:
             port = free_port()
-            proxy = start_proxy(write_config(tmp, urls, models, in_process), port, 1, tmp / "memory.log")
+            proxy = start_proxy(write_config(tmp, urls, models, in_process, 600), port, 1, tmp / "memory.log")
             try:
                 url = f"http://127.0.0.1:{port}"
                 await ready(url, 1)
@@ -356,7 +361,7 @@ async def memory(models: Path, shapes: Path, tmp: Path) -> dict[str, Any]:
                     "rss_mib_ready": round(loaded or 0),
                     "rss_mib_after_requests": round(rss_mib(proxy.pid) or 0),
                     "requests": len(run.results),
-                    "errors": sum(not r[2].endswith(":ok") for r in run.results),
+                    "errors": [r[2] for r in run.results if not r[2].endswith(":ok")],
                 }
                 print(json.dumps({name: out[name]}), file=sys.stderr, flush=True)
             finally:
