@@ -89,7 +89,8 @@ async def test_stream_event_text_beside_another_payload_is_screened(
 
 
 
-MESSAGE = {"id": "msg_x", "type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hi."}]}
+HI = [{"type": "output_text", "text": "Hi."}]
+MESSAGE: dict[str, Any] = {"id": "msg_x", "type": "message", "role": "assistant", "content": HI}
 COMPLETED: dict[str, Any] = {**STARTED, "status": "completed", "output": [MESSAGE]}
 
 
@@ -479,3 +480,54 @@ async def test_a_conversation_id_too_long_to_remember_is_refused(start_proxy: An
         status, _ = await post_raw(proxy.url, "/v1/responses", {"model": "m", "input": "Hi", "conversation": long_id})
     assert status == 400
     assert upstream.response_requests == []
+
+
+def text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": []}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("split", ["parts", "messages"])
+async def test_reply_text_split_across_parts_is_screened_as_the_sdk_joins_it(
+    start_proxy: Any, upstream: FakeResponses, stream: bool, split: str
+) -> None:
+    """The SDK's `output_text` joins every output_text part of every message with nothing between; the
+    guard read them a line apart ("bo", "mb": "bo mb" to the guard, "bomb" to the client)."""
+    if split == "parts":
+        output = [{**MESSAGE, "content": [text_part("a bo"), text_part("mb")]}]
+    else:
+        second = {**MESSAGE, "id": "msg_y", "content": [text_part("mb")]}
+        output = [{**MESSAGE, "content": [text_part("a bo")]}, second]
+    final = {**COMPLETED, "output": output}
+    upstream.mode = "raw"
+    upstream.raw_body = json.dumps(final).encode()
+    if stream:
+        deltas = [
+            {"type": "response.output_text.delta", "output_index": o, "content_index": c, "delta": p["text"]}
+            for o, item in enumerate(output)
+            for c, p in enumerate(item["content"])
+        ]
+        created = {"type": "response.created", "response": STARTED}
+        upstream.raw_body = sse(created, *deltas, {**DONE_EVENT, "response": final})
+    async with start_proxy(policies={"default": POLICY}) as proxy:
+        status, body = await post_raw(proxy.url, "/v1/responses", {"model": "m", "input": "Hi", "stream": stream})
+    assert status == 200
+    assert REFUSAL.encode() in body and b'"mb"' not in body
+
+
+async def test_interleaved_deltas_are_screened_in_the_order_they_came(
+    start_proxy: Any, upstream: FakeResponses
+) -> None:
+    """Deltas of two content parts, interleaved: a client printing deltas shows "a bomb", each part alone
+    ("a bmb", "o") and the parts joined ("a bmbo") hide it."""
+    pieces = [(0, "a b"), (1, "o"), (0, "mb")]
+    deltas = [
+        {"type": "response.output_text.delta", "item_id": "m", "output_index": 0, "content_index": c, "delta": d}
+        for c, d in pieces
+    ]
+    upstream.mode = "raw"
+    upstream.raw_body = sse({"type": "response.created", "response": STARTED}, *deltas, DONE_EVENT)
+    async with start_proxy(policies={"default": POLICY}) as proxy:
+        status, body = await post_raw(proxy.url, "/v1/responses", {"model": "m", "input": "Hi", "stream": True})
+    assert status == 200
+    assert REFUSAL.encode() in body and b'"mb"' not in body

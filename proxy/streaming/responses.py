@@ -65,6 +65,8 @@ class ResponseText:
     def __init__(self) -> None:
         self.deltas: dict[Key, TextPieces] = {}
         self.finals: dict[Key, dict[str, None]] = {}
+        self.arrived = TextPieces()
+        """Every output_text delta in the order it came, as a client printing them shows them."""
 
     def delta(self, key: Key, text: str) -> None:
         if text:
@@ -72,6 +74,8 @@ class ResponseText:
             if held is None:
                 held = self.deltas[key] = TextPieces()
             held.add(text)
+            if key[1] == TEXT:
+                self.arrived.add(text)
 
     def final(self, key: Key, *texts: str) -> None:
         for text in texts:
@@ -79,12 +83,20 @@ class ResponseText:
                 self.finals.setdefault(key, {})[text] = None
 
     def text(self) -> str:
-        out = []
+        # The output_text parts of every message, joined with nothing between as the SDK's `output_text`
+        # joins them (a word split across parts or messages is one word to a client), and as they came.
+        joined, out = [], []
         for key in sorted({*self.deltas, *self.finals}):
             held = self.deltas.get(key)
             streamed = held.value() if held is not None else ""
-            out += [streamed, *(t for t in self.finals.get(key, {}) if t != streamed)]
-        return "\n".join(t for t in out if t)
+            finals = [t for t in self.finals.get(key, {}) if t != streamed]
+            if key[1] == TEXT:
+                joined.append(streamed or (finals.pop(0) if finals else ""))
+                out += finals
+            else:
+                out += [streamed, *finals]
+        shown, arrived = "".join(joined), self.arrived.value()
+        return "\n".join(t for t in [shown, arrived if arrived != shown else "", *out] if t)
 
     def item(self, o: int, item: Any, at: str) -> None:
         """An output item's text, whatever its type."""
