@@ -49,6 +49,8 @@ CONVERSATION_KEY = "conversation:"
 # A response (or conversation) whose reply the client did not get is marked under this prefix: the
 # upstream keeps that reply, and a turn continuing it would have the model read it (and re-encode it).
 WITHHELD_KEY = "withheld:"
+# Tenants share the upstream's key, so its ids are good for any of them: withheld marks are kept for all.
+EVERY_TENANT = ""
 
 
 class ResponsesWire:
@@ -108,12 +110,11 @@ class ResponsesWire:
             await store.put(tenant, CONVERSATION_KEY + thread.conversation, turns)
 
     async def withheld(self, request: web.Request, chat: ChatRequest, reply_id: str | None) -> None:
-        store, tenant = request.app.get(RESPONSE_STATE), record_of(request).tenant
-        thread = request.get(THREAD) or Thread()
+        store, thread = request.app.get(RESPONSE_STATE), request.get(THREAD) or Thread()
         keys = [reply_id, None if thread.conversation is None else CONVERSATION_KEY + thread.conversation]
         for key in keys:
-            if store is not None and tenant is not None and key is not None:
-                await store.put(tenant, WITHHELD_KEY + key, [])
+            if store is not None and key is not None:
+                await store.put(EVERY_TENANT, WITHHELD_KEY + key, [])
 
 
 def chain(chat: ChatRequest, reply: Reply) -> list[Turn]:
@@ -127,8 +128,8 @@ _WIRE: WireFormat = RESPONSES  # ResponsesWire implements the protocol
 
 async def refuse_withheld(request: web.Request, thread: Thread) -> None:
     """A 400 for a turn that continues a reply this proxy withheld (see WITHHELD_KEY)."""
-    store, tenant = request.app.get(RESPONSE_STATE), record_of(request).tenant
-    if store is None or tenant is None:
+    store = request.app.get(RESPONSE_STATE)
+    if store is None:
         return
     if thread.conversation is not None:
         key, param = CONVERSATION_KEY + thread.conversation, "conversation"
@@ -138,7 +139,7 @@ async def refuse_withheld(request: web.Request, thread: Thread) -> None:
         said = "The previous response was blocked by the content policy: continue from an earlier one."
     else:
         return
-    if await store.get(tenant, WITHHELD_KEY + key) is not None:
+    if await store.get(EVERY_TENANT, WITHHELD_KEY + key) is not None:
         raise BadRequest(said, param=param)
 
 
