@@ -146,12 +146,16 @@ def code_scores(outcome: Outcome, taxonomy: Taxonomy) -> dict[str, tuple[str, fl
     return {}
 
 
+GUARD_FAILED = "the guard failed on this input; the proxy's log line for this request says why"
+
+
 def _guard_numbers(outcome: Outcome, per_code: dict[str, tuple[str, float]]) -> dict[str, Any]:
     """A check's own numbers, under its guard's name in the result (an extra field of the SDK's type)."""
     result = outcome.result
     own: dict[str, Any] = {"threshold": outcome.check.threshold, "flagged": result.hit and result.enforced}
     if result.error:
-        own["error"] = result.error
+        # The error's own text can name a remote guard's internal address: it stays in the log line.
+        own["error"] = GUARD_FAILED
     elif result.skipped:
         own["skipped"] = True
     scored = outcome.capture.scored if outcome.capture and not result.error else None
