@@ -131,5 +131,29 @@ def loads(data: bytes | str) -> Any:
     return _DECODER.decode(data)
 
 
+class TooManyObjects(ValueError):
+    """A JSON text with more objects than a reader takes."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"more than {limit} JSON objects")
+        self.limit = limit
+
+
+def loads_bounded(data: bytes, max_objects: int) -> Any:
+    """`loads` that stops at the object after `max_objects`: a body of a few megabytes can hold a
+    hundred thousand tiny objects, which the request's wire types would then validate on the loop."""
+    count = 0
+
+    def unique_keys_counted(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal count
+        count += 1
+        if count > max_objects:
+            raise TooManyObjects(max_objects)
+        return _unique_keys(pairs)
+
+    text = data.decode(json.detect_encoding(data), "surrogatepass")
+    return json.JSONDecoder(object_pairs_hook=unique_keys_counted).decode(text)
+
+
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -37,6 +37,9 @@ class ServerSettings(Strict):
     port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: int = Field(default=4_000_000, ge=1024)
     max_json_depth: int = Field(default=64, ge=2, le=512, description="deepest JSON nesting a client may send")
+    max_json_objects: int = Field(
+        default=20_000, ge=16, description="most JSON objects (messages, parts, items) in one request body"
+    )
     keepalive_interval_s: float = Field(default=5.0, gt=0)
     max_held_bytes: int = Field(
         default=16 * 1024 * 1024, ge=1024, description="most bytes of one upstream reply held until it is checked"
@@ -234,6 +237,11 @@ class StateSettings(Strict):
     redis_timeout_s: float = Field(default=0.5, gt=0, le=30, description="bound on one store operation")
     redis_max_connections: int = Field(default=64, ge=1)
     redis_key_prefix: str = Field(default="guardrail:response:", max_length=64)
+    require_owner: bool = Field(
+        default=False,
+        description="refuse (404) a response or conversation id whose owning tenant is unknown "
+        "(expired, evicted, another replica without Redis, made before ownership was kept)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> StateSettings:

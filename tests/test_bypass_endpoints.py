@@ -545,3 +545,34 @@ async def test_another_tenant_cannot_continue_a_blocked_response(
         with pytest.raises(openai.BadRequestError):
             await proxy.client("sk-b").responses.create(model="m", input="Go on.", previous_response_id="resp_fake0001")
     assert len(upstream.response_requests) == 1
+
+
+TINY_PART = {"type": "text", "text": "a"}
+TINY_INPUT = {"type": "input_text", "text": "a"}
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": [TINY_PART] * 160_000}]}),
+        ("/v1/responses", {"model": "m", "input": [{"role": "user", "content": [TINY_INPUT] * 160_000}]}),
+    ],
+    ids=["chat", "responses"],
+)
+async def test_a_body_of_tiny_parts_is_refused_before_it_is_validated(
+    start_proxy: Any, upstream: FakeResponses, path: str, body: dict[str, Any]
+) -> None:
+    """160,000 one-letter parts (5 MB) took pydantic about 1.5 s on the event loop, which holds the GIL
+    throughout (a thread would not help); the body's objects are counted while it is parsed."""
+    async with start_proxy(policies={"default": POLICY}, server={"max_body_bytes": 16 * 1024 * 1024}) as proxy:
+        status, answer = await post_raw(proxy.url, path, body)
+    assert status == 400 and b"server.max_json_objects" in answer
+    assert upstream.response_requests == [] and upstream.chat_requests == []
+
+
+async def test_braces_inside_text_do_not_count_as_objects(start_proxy: Any, upstream: FakeResponses) -> None:
+    """Only real objects count: code full of `{` in one message is an ordinary request."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "{" * 30_000}]}
+    async with start_proxy(policies={"default": POLICY}) as proxy:
+        status, _ = await post_raw(proxy.url, "/v1/chat/completions", body)
+    assert status == 200

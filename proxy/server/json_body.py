@@ -11,7 +11,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from proxy.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from proxy.protocol import loads
+from proxy.protocol import TooManyObjects, loads, loads_bounded
 from proxy.server.connections import read_body
 from proxy.server.state import SETTINGS
 
@@ -26,7 +26,8 @@ async def read_request(request: web.Request) -> tuple[bytes, dict[str, Any]]:
         raw = await read_body(request)
     except web.HTTPRequestEntityTooLarge as exc:
         raise PayloadTooLarge(f"Request body is larger than {settings.server.max_body_bytes} bytes.") from exc
-    return raw, parse_json_object(raw, max_depth=settings.server.max_json_depth)
+    server = settings.server
+    return raw, parse_json_object(raw, max_depth=server.max_json_depth, max_objects=server.max_json_objects)
 
 
 def invalid(exc: ValidationError) -> BadRequest:
@@ -49,9 +50,15 @@ def error_param(loc: tuple[int | str, ...]) -> str:
     return ".".join(parts)
 
 
-def parse_json_object(raw: bytes, *, max_depth: int) -> dict[str, Any]:
+def parse_json_object(raw: bytes, *, max_depth: int, max_objects: int | None = None) -> dict[str, Any]:
     try:
-        payload = loads(raw)
+        # Counting objects costs a call each: only where a cheap upper bound (every `{`) is over the limit.
+        if max_objects is not None and raw.count(b"{") > max_objects:
+            payload = loads_bounded(raw, max_objects)
+        else:
+            payload = loads(raw)
+    except TooManyObjects as exc:
+        raise BadRequest(f"The JSON body holds more than {exc.limit} objects (server.max_json_objects).") from exc
     except RecursionError as exc:
         raise BadRequest(f"The JSON body is nested too deeply (limit {max_depth}).") from exc
     except (ValueError, UnicodeDecodeError) as exc:
