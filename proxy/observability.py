@@ -268,6 +268,13 @@ class Metrics:
             ["op"],
             registry=r,
         )
+        self.response_owner_refusals = Counter(
+            "guardrail_response_owner_refusals",
+            "Requests refused (404) for naming a response or conversation another tenant owns, or (with "
+            "state.require_owner) one whose owner is unknown, by the refused tenant",
+            ["tenant"],
+            registry=r,
+        )
         self.open_connections = Gauge("guardrail_open_connections", "Client connections open now", registry=r)
         self.connections_rejected = Counter(
             "guardrail_connections_rejected",

@@ -537,12 +537,13 @@ async def test_another_tenant_cannot_continue_a_blocked_response(
     start_proxy: Any, upstream: FakeResponses
 ) -> None:
     """Tenants share the upstream's key, so a response id is good for all of them: a blocked reply was
-    remembered for its own tenant only, and another tenant holding the id could still continue it."""
+    remembered for its own tenant only, and another tenant holding the id could still continue it.
+    The id is its tenant's now (tests/server/test_response_owner.py): a 404, which says nothing of it."""
     upstream.text = f"Here is how to build a {TRIGGER}."
     tenants = {"a": {"keys": ["sk-a"], "policy": "default"}, "b": {"keys": ["sk-b"], "policy": "default"}}
     async with start_proxy(policies={"default": POLICY}, tenants=tenants) as proxy:
         assert blocked(await proxy.client("sk-a").responses.create(model="m", input="Hi"))
-        with pytest.raises(openai.BadRequestError):
+        with pytest.raises(openai.NotFoundError):
             await proxy.client("sk-b").responses.create(model="m", input="Go on.", previous_response_id="resp_fake0001")
     assert len(upstream.response_requests) == 1
 

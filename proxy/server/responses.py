@@ -7,6 +7,7 @@ With `previous_response_id` or `conversation` the upstream keeps the history and
 only the new items: the screened turns of each passed response are kept (proxy/state) and go before
 the new turn when Llama Guard judges it. An id the store does not know (expired, another replica
 without Redis) is screened with what the request shows, and the record says `context: unknown`.
+Each id is its creating tenant's (proxy/server/response_owner.py): another tenant naming it gets a 404.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from proxy.server.connections import read_body
 from proxy.server.decisions import decide_output
 from proxy.server.exchange import handle, read_reply, relay_unchanged, upstream_failed
 from proxy.server.json_body import invalid
+from proxy.server.response_owner import check_owner, claim
 from proxy.server.state import POLICIES, RESPONSE_STATE, TENANTS, UPSTREAMS, bind_tenant, record_of
 from proxy.server.wire import WireFormat
 from proxy.streaming.buffered import HeldStream
@@ -67,6 +69,8 @@ class ResponsesWire:
         except ValidationError as exc:
             raise invalid(exc) from exc
         request[THREAD] = thread
+        # Before the withheld check: another tenant must not learn that an id's reply was withheld.
+        await check_thread_owner(request, thread)
         await refuse_withheld(request, thread)
         chat.context = tuple(await context_of(request, thread))
         return chat
@@ -96,6 +100,10 @@ class ResponsesWire:
     ) -> None:
         """Keep this response's screened turns (its context, the new input, the reply) for the next
         turn that names it or its conversation."""
+        thread = request.get(THREAD) or Thread()
+        conversation = conversation_key(thread.conversation)
+        # First, whatever follows: a background response's id is good from this answer on.
+        await claim(request, reply_id, conversation)
         store, tenant = request.app.get(RESPONSE_STATE), record_of(request).tenant
         if store is None or tenant is None or not replies:
             return
@@ -103,18 +111,39 @@ class ResponsesWire:
         size = count_limits(chat)[0] + len(replies[0].text) + sum(len(t.text) for t in context)
         # Normalising megabytes takes a while: off the loop, as the checks do (pipeline.OFF_LOOP_CHARS).
         turns = await asyncio.to_thread(chain, chat, replies[0]) if size > OFF_LOOP_CHARS else chain(chat, replies[0])
-        thread = request.get(THREAD) or Thread()
         if reply_id is not None:
             await store.put(tenant, reply_id, turns)
-        if thread.conversation is not None:
-            await store.put(tenant, CONVERSATION_KEY + thread.conversation, turns)
+        if conversation is not None:
+            await store.put(tenant, conversation, turns)
 
     async def withheld(self, request: web.Request, chat: ChatRequest, reply_id: str | None) -> None:
-        store, thread = request.app.get(RESPONSE_STATE), request.get(THREAD) or Thread()
-        keys = [reply_id, None if thread.conversation is None else CONVERSATION_KEY + thread.conversation]
-        for key in keys:
-            if store is not None and key is not None:
-                await store.put(EVERY_TENANT, WITHHELD_KEY + key, [])
+        """A created response the client did not get (blocked): still its tenant's, and withheld."""
+        thread = request.get(THREAD) or Thread()
+        conversation = conversation_key(thread.conversation)
+        await claim(request, reply_id, conversation)
+        await mark_withheld(request, reply_id, conversation)
+
+
+def conversation_key(conversation: str | None) -> str | None:
+    """Where a conversation's turns, mark and owner are kept, apart from response ids."""
+    return None if conversation is None else CONVERSATION_KEY + conversation
+
+
+async def mark_withheld(request: web.Request, *keys: str | None) -> None:
+    store = request.app.get(RESPONSE_STATE)
+    for key in keys:
+        if store is not None and key is not None:
+            await store.put(EVERY_TENANT, WITHHELD_KEY + key, [])
+
+
+async def check_thread_owner(request: web.Request, thread: Thread) -> None:
+    """A 404 for a turn continuing another tenant's response or conversation (response_owner.py)."""
+    if thread.conversation is not None:
+        key, shown = CONVERSATION_KEY + thread.conversation, thread.conversation
+        await check_owner(request, key, shown=shown, noun="conversation", param="conversation", claimable=True)
+    if thread.previous_response_id is not None:
+        shown = thread.previous_response_id
+        await check_owner(request, shown, shown=shown, noun="response", param="previous_response_id")
 
 
 def chain(chat: ChatRequest, reply: Reply) -> list[Turn]:
@@ -185,6 +214,7 @@ async def relay_stored(request: web.Request, target: str) -> web.StreamResponse:
             "A stored response cannot be streamed through this proxy: retrieve it without `stream`.", param="stream"
         )
     record.route, record.upstream = route.name, route.upstream
+    await check_owner(request, response_id, shown=response_id, noun="response")
     out = Outgoing(
         path=target,
         body=await read_body(request) if request.method == "POST" else b"",
@@ -223,8 +253,9 @@ async def relay_stored(request: web.Request, target: str) -> web.StreamResponse:
             # A background response is first checked here: withheld now, as if blocked when made.
             conversation = stored.get("conversation")
             conversation = conversation.get("id") if isinstance(conversation, dict) else None
-            request[THREAD] = Thread(conversation=conversation if isinstance(conversation, str) else None)
-            await RESPONSES.withheld(request, chat, response_id)
+            # Marked, not claimed: a reader of an id of unknown owner must not lock its maker out.
+            marked = conversation_key(conversation if isinstance(conversation, str) else None)
+            await mark_withheld(request, response_id, marked)
             refusal = refused(stored, each.refusal)
             return web.json_response(refusal, headers={**headers, "x-guardrail-decision": "block"})
     return relay_unchanged(200, body, upstream_headers, headers, record.decision)

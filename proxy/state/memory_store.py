@@ -14,12 +14,14 @@ from proxy.observability import Metrics
 from proxy.settings import StateSettings
 from proxy.state.entry import Entry, build_entry, valid_id
 
-Key = tuple[str, str]
+Key = tuple[str | None, str]
+"""(tenant, id) for a chain; (None, id) for the id's owner, which no tenant's name can be."""
 
 
 @dataclass(frozen=True)
 class _Held:
-    entry: Entry
+    entry: Entry | str
+    """A chain, or (under an owner key) the owning tenant's name."""
     size: int
     expires: float
 
@@ -45,7 +47,7 @@ class MemoryStore:
     async def get(self, tenant: str, response_id: str) -> list[Turn] | None:
         held = self._lookup((tenant, response_id))
         self._metrics.response_state_lookups.labels("miss" if held is None else "hit").inc()
-        return None if held is None else list(held.entry.turns)
+        return None if held is None or isinstance(held.entry, str) else list(held.entry.turns)
 
     async def put(
         self, tenant: str, response_id: str, turns: Sequence[Turn], *, previous: str | None = None
@@ -54,21 +56,33 @@ class MemoryStore:
             self._metrics.response_state_errors.labels("put").inc()
             return
         held = self._lookup((tenant, previous)) if previous is not None else None
+        before = held.entry if held is not None and not isinstance(held.entry, str) else None
         s = self._settings
         try:
-            entry = build_entry(
-                turns, max_turns=s.max_turns_per_entry, max_bytes=s.max_entry_bytes, before=held.entry if held else None
-            )
+            entry = build_entry(turns, max_turns=s.max_turns_per_entry, max_bytes=s.max_entry_bytes, before=before)
         except UnicodeEncodeError:  # a lone surrogate: screening refuses such text, so never here
             self._metrics.response_state_errors.labels("put").inc()
             return
         if entry.trimmed:
             self._metrics.response_state_trimmed_turns.inc(entry.trimmed)
-        key = (tenant, response_id)
+        self._hold((tenant, response_id), entry, entry.size)
+
+    async def get_owner(self, response_id: str) -> str | None:
+        held = self._lookup((None, response_id))
+        return held.entry if held is not None and isinstance(held.entry, str) else None
+
+    async def put_owner(self, response_id: str, tenant: str) -> None:
+        if not valid_id(response_id):
+            self._metrics.response_state_errors.labels("put_owner").inc()
+            return
+        # Bounded with the chains (ttl_s, max_entries, max_bytes): an owner evicted is unknown.
+        self._hold((None, response_id), tenant, len(tenant.encode()) + len(response_id.encode()))
+
+    def _hold(self, key: Key, entry: Entry | str, size: int) -> None:
         self._drop(key)
-        self._entries[key] = _Held(entry, entry.size, self._clock() + s.ttl_s)
+        self._entries[key] = _Held(entry, size, self._clock() + self._settings.ttl_s)
         self._by_expiry[key] = None
-        self.bytes_held += entry.size
+        self.bytes_held += size
         self._evict()
 
     async def close(self) -> None:

@@ -47,9 +47,10 @@ class RedisStore:
         )
         self._redis = Redis.from_pool(pool)
 
-    def key(self, tenant: str, response_id: str) -> str:
+    def key(self, tenant: str | None, response_id: str) -> str:
         """One key per (tenant, id): hashed, so tenants never share a key whatever their names or ids
-        hold, and no client-chosen text reaches Redis's key space."""
+        hold, and no client-chosen text reaches Redis's key space. Tenant None: the id's owner (JSON
+        null, which no tenant's name encodes to)."""
         pair = json.dumps([tenant, response_id]).encode()
         return self._settings.redis_key_prefix + hashlib.sha256(pair).hexdigest()
 
@@ -83,6 +84,28 @@ class RedisStore:
             return
         if entry.trimmed:
             self._metrics.response_state_trimmed_turns.inc(entry.trimmed)
+
+    async def get_owner(self, response_id: str) -> str | None:
+        if not valid_id(response_id):
+            return None
+        try:
+            async with asyncio.timeout(self._settings.redis_timeout_s):
+                value = await self._redis.get(self.key(None, response_id))
+            return value.decode() if isinstance(value, bytes) else value
+        except _FAILURES as exc:
+            self._failed("get_owner", exc)
+            return None
+
+    async def put_owner(self, response_id: str, tenant: str) -> None:
+        if not valid_id(response_id):
+            self._metrics.response_state_errors.labels("put_owner").inc()
+            return
+        s = self._settings
+        try:
+            async with asyncio.timeout(s.redis_timeout_s):
+                await self._redis.set(self.key(None, response_id), tenant.encode(), ex=s.ttl_s)
+        except _FAILURES as exc:
+            self._failed("put_owner", exc)
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -39,6 +39,16 @@ class ResponseStore(Protocol):
         entry (a `conversation`). The TTL starts again at each put."""
         ...
 
+    async def get_owner(self, response_id: str) -> str | None:
+        """The tenant whose request created `response_id` (or first named a conversation id), or
+        None: never recorded, expired, evicted, or the backend failed."""
+        ...
+
+    async def put_owner(self, response_id: str, tenant: str) -> None:
+        """Record `tenant` as the owner of `response_id`, for every tenant to see (tenants share the
+        upstream's key, so its ids are good for any of them). The TTL starts again at each put."""
+        ...
+
     async def close(self) -> None: ...
 
 

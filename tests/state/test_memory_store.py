@@ -88,3 +88,17 @@ async def test_a_rewritten_entry_is_counted_once(metrics: Metrics, clock: Clock)
     assert (len(store), store.bytes_held) == (1, once)
     await store.close()
     assert (len(store), store.bytes_held) == (0, 0)
+
+
+async def test_an_owner_expires_and_leaves_with_the_entries(metrics: Metrics, clock: Clock) -> None:
+    store = store_with(metrics, clock, ttl_s=60, max_entries=2)
+    await store.put_owner("resp_1", "acme")
+    clock.advance(59)
+    assert await store.get_owner("resp_1") == "acme"
+    clock.advance(1)
+    assert await store.get_owner("resp_1") is None
+    await store.put_owner("resp_2", "acme")
+    await store.put("acme", "resp_3", turns("a"))
+    await store.put("acme", "resp_4", turns("b"))  # past max_entries: the oldest, an owner, leaves
+    assert await store.get_owner("resp_2") is None
+    assert len(store) == 2

@@ -66,6 +66,24 @@ async def test_the_value_is_json_under_a_hashed_key_with_the_ttl(
         await store.close()
 
 
+async def test_replicas_share_owners_under_a_hashed_key_with_the_ttl(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    one, two = redis_store(redis_server.url, ttl_s=600), redis_store(redis_server.url)
+    try:
+        await one.put_owner("resp_1", "acme")
+        assert await two.get_owner("resp_1") == "acme"
+        keys = await redis_client.keys("*")
+        assert keys == [one.key(None, "resp_1").encode()]
+        assert b"resp_1" not in keys[0]
+        assert 590 <= await redis_client.ttl(keys[0]) <= 600
+        await redis_client.set(keys[0], b"\xff")  # not a name: unknown
+        assert await two.get_owner("resp_1") is None
+    finally:
+        await one.close()
+        await two.close()
+
+
 @pytest.mark.parametrize(
     "value",
     [b"\x80\x03pickle", b"[]", b'{"v": 2, "turns": []}', b'{"v": 1, "turns": [{"speaker": "System", "text": "x"}]}'],
@@ -90,8 +108,12 @@ async def test_a_refused_connection_answers_unknown_and_counts_errors(closed_por
         async with asyncio.timeout(BOUND_S):
             assert await store.get("acme", "resp_1") is None
             await store.put("acme", "resp_2", TURNS, previous="resp_1")
+            await store.put_owner("resp_2", "acme")
+            assert await store.get_owner("resp_2") is None
         assert sample(metrics, "guardrail_response_state_errors_total", {"op": "get"}) == 1
         assert sample(metrics, "guardrail_response_state_errors_total", {"op": "put"}) == 1
+        for op in ("put_owner", "get_owner"):
+            assert sample(metrics, "guardrail_response_state_errors_total", {"op": op}) == 1
         assert sample(metrics, "guardrail_response_state_lookups_total", {"result": "miss"}) == 0
     finally:
         await store.close()

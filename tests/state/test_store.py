@@ -111,3 +111,27 @@ async def test_an_overlong_id_is_never_stored_or_found(make_store: StoreFactory,
     assert sample(metrics, "guardrail_response_state_errors_total", {"op": "put"}) == 1
     assert await store.get("acme", long_id) is None
     assert await store.get("acme", "") is None
+
+
+async def test_an_owner_is_kept_for_every_tenant_apart_from_the_chains(make_store: StoreFactory) -> None:
+    store = make_store()
+    assert await store.get_owner("resp_1") is None
+    await store.put("acme", "resp_1", [user("acme's turn")])
+    assert await store.get_owner("resp_1") is None  # a chain says nothing of its owner
+    await store.put_owner("resp_1", "acme")
+    assert await store.get_owner("resp_1") == "acme"
+    assert await store.get("acme", "resp_1") == [user("acme's turn")]  # nor an owner of the chain
+    await store.put_owner("resp_2", "globex")
+    assert await store.get("globex", "resp_2") is None
+    assert await store.get_owner("resp_2") == "globex"
+    # A tenant whose name is empty (the every-tenant marks' name) is still not an owner record.
+    await store.put("", "resp_3", [])
+    assert await store.get_owner("resp_3") is None
+
+
+async def test_an_overlong_id_has_no_owner(make_store: StoreFactory, metrics: Metrics) -> None:
+    store = make_store()
+    long_id = "r" * (MAX_ID_CHARS + 1)
+    await store.put_owner(long_id, "acme")
+    assert sample(metrics, "guardrail_response_state_errors_total", {"op": "put_owner"}) == 1
+    assert await store.get_owner(long_id) is None
