@@ -13,7 +13,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.fakes.redis_server import RedisServer
+from tests.fakes.redis_server import RedisServer, free_port
 from tests.fakes.responses import FakeResponses
 from tests.server.test_responses import POLICY, blocked
 
@@ -170,3 +170,20 @@ async def test_replicas_sharing_redis_share_owners(
             assert (await two.client("sk-a").responses.retrieve(made.id)).output_text == upstream.text
     finally:
         await redis.stop()
+
+
+@pytest.mark.parametrize("require_owner", [False, True])
+async def test_a_failing_redis_makes_owners_unknown(
+    start_proxy: Any, upstream: FakeResponses, require_owner: bool
+) -> None:
+    """Nothing listens at the Redis URL: no owner is recorded or read, so an id is allowed by default
+    and refused (fail closed) with require_owner, even to the tenant that made it."""
+    state = {"redis_url": f"redis://127.0.0.1:{free_port()}/0", "require_owner": require_owner}
+    async with start_proxy(policies={"default": POLICY}, tenants=TENANTS, state=state) as proxy:
+        made = await proxy.client("sk-a").responses.create(model="m", input="Say hello.")
+        if require_owner:
+            with pytest.raises(openai.NotFoundError) as exc:
+                await proxy.client("sk-a").responses.retrieve(made.id)
+            assert refused(exc, made.id)
+        else:
+            assert (await proxy.client("sk-b").responses.retrieve(made.id)).id == made.id
