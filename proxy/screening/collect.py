@@ -24,7 +24,7 @@ from pydantic import Field
 
 from proxy.errors import BadRequest
 from proxy.guards.guard import Image, ScreenText, Speaker, TextSource, Turn
-from proxy.protocol import ChatRequest, Choice, ChoiceMessage, ContentPart, ImagePart, Message, OtherPart, TextPart
+from proxy.protocol import ChatRequest, ChoiceMessage, ContentPart, ImagePart, Message, OtherPart, TextPart
 from proxy.screening.normalize import guard_view
 
 SPEAKER: dict[str, Speaker | None] = {
@@ -295,13 +295,6 @@ def output_conversation(request: ChatRequest, reply: Reply, *, include_system: b
     return _merge([*conversation(request, include_system=include_system), Turn("Agent", text)])
 
 
-def choice_text(choice: Choice) -> str:
-    """A JSON reply's choice as the output check sees it: its message and any other field's text
-    (`text`, a stray `delta` ...); `logprobs` mirror the content's tokens."""
-    extra = {k: v for k, v in (choice.model_extra or {}).items() if k != "logprobs"}
-    return "\n".join(t for t in [reply_text(choice.message), *extra_text(extra)] if t)
-
-
 def reply_text(message: ChoiceMessage | None) -> str:
     if message is None:
         return ""
@@ -310,6 +303,25 @@ def reply_text(message: ChoiceMessage | None) -> str:
         parts.append(message.refusal)
     parts += reply_extra_text(message.model_extra)
     return "\n".join(p for p in parts if p)
+
+
+# Top-level fields of a completion or chunk (chat or legacy) that carry no text a client shows as
+# content: OpenAI's schema, `obfuscation` (random padding) and `error` (a non-null one is refused).
+# Any other top-level field's strings are read with every choice's text.
+COMPLETION_FIELDS = frozenset(
+    {"id", "object", "created", "model", "system_fingerprint", "service_tier", "usage", "choices"}
+    | {"obfuscation", "error"}
+)
+
+
+def top_text(reply: dict[str, Any]) -> list[str]:
+    """The strings of a completion's (or chunk's) top-level fields outside COMPLETION_FIELDS."""
+    return reply_extra_text({k: v for k, v in reply.items() if k not in COMPLETION_FIELDS})
+
+
+def shown_fields(reply: dict[str, Any]) -> dict[str, Any]:
+    """A completion (or chunk) without its unknown top-level fields: what a blocked reply may keep."""
+    return {k: v for k, v in reply.items() if k in COMPLETION_FIELDS}
 
 
 def reply_extra_text(extra: dict[str, Any] | None) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.protocol import ChatRequest
+from proxy.screening.collect import shown_fields
 
 
 def is_structured(chat: ChatRequest) -> bool:
@@ -53,9 +54,11 @@ def refusal_completion(
 def replace_choices(
     completion: dict[str, Any], blocked: set[int], refusal: str, *, structured: bool = False
 ) -> dict[str, Any]:
+    """The completion with blocked choices refused; its unknown top-level fields were part of every
+    choice's check, a blocked one's too, so they are dropped."""
     choices = []
     for choice in completion.get("choices") or []:
         if int(choice.get("index", 0)) in blocked:
             choice = refused_choice(choice.get("index", 0), refusal, structured)
         choices.append(choice)
-    return {**completion, "choices": choices}
+    return {**shown_fields(completion), "choices": choices}

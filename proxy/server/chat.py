@@ -10,7 +10,8 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from proxy.protocol import ChatCompletion, ChatRequest
-from proxy.screening.collect import Reply, choice_text
+from proxy.screening.collect import Reply
+from proxy.screening.completion import completion_replies
 from proxy.screening.refusal import is_structured, refusal_completion, replace_choices
 from proxy.server.exchange import handle
 from proxy.server.json_body import invalid
@@ -46,7 +47,7 @@ class ChatWire:
     def reply(self, body: bytes) -> tuple[dict[str, Any], list[Reply]]:
         completion_json = parse_completion(body)
         completion = ChatCompletion.model_validate(completion_json)
-        return completion_json, [Reply(c.index, choice_text(c)) for c in completion.choices]
+        return completion_json, completion_replies(completion)
 
     def replace(self, chat: ChatRequest, reply: dict[str, Any], blocked: set[int], refusal: str) -> dict[str, Any]:
         return replace_choices(reply, blocked, refusal, structured=is_structured(chat))

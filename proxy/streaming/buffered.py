@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.screening.collect import shown_fields
 from proxy.streaming.reply import Added, ReplyTooLarge, StreamedReply, UpstreamReported, read_stream
 from proxy.streaming.sse import DONE, Event, data_of, encode
 
@@ -65,8 +66,9 @@ async def hold_body(chunks: AsyncIterator[bytes], max_bytes: int) -> bytes:
 
 
 def replay(held: HeldStream, blocked: set[int], refusal: str, *, structured: bool = False) -> Iterator[bytes]:
-    """The bytes to send: upstream events as they came, blocked choices' deltas removed and each
-    blocked choice answered with a refusal (role, content, finish_reason content_filter)."""
+    """The bytes to send: upstream events as they came, or, when a choice is blocked, without its
+    deltas and without any unknown top-level field (cut_choices), each blocked choice answered with a
+    refusal (role, content, finish_reason content_filter)."""
     if not blocked:
         for start in range(0, len(held.frames), REPLAY_PIECE_BYTES):
             yield bytes(held.frames[start : start + REPLAY_PIECE_BYTES])
@@ -91,13 +93,17 @@ def replay(held: HeldStream, blocked: set[int], refusal: str, *, structured: boo
 
 
 def cut_choices(chunk: dict[str, Any], frame: bytes, blocked: set[int]) -> bytes | None:
-    """An event (`frame`, read as `chunk`) without the blocked choices' deltas: the same bytes when it
-    has none of them, None when nothing of it is left."""
+    """An event (`frame`, read as `chunk`) without the blocked choices' deltas and without its unknown
+    top-level fields (a blocked choice's check read them): the same bytes when it has none of either,
+    None when nothing of it is left."""
     choices = chunk.get("choices") or []
     kept = [c for c in choices if c.get("index", 0) not in blocked]
-    if len(kept) == len(choices):
+    shown = shown_fields(chunk)
+    if len(kept) == len(choices) and len(shown) == len(chunk):
         return frame
-    return encode({**chunk, "choices": kept}) if kept else None
+    if kept or (not choices and shown.get("usage") is not None):
+        return encode({**shown, "choices": kept})
+    return None
 
 
 def refusal_events(

@@ -3,8 +3,9 @@ a refusal replaces it: a JSON reply's choices, a held stream's chunks, and the p
 
 A choice's `text` is read as its content and every other field's strings as extra text (as chat
 reads a choice); of `logprobs`, the tokens where they do not spell the text and each position's
-alternatives (a client may show them). A stream is held like a chat stream: the
-chunks are read by the chat reader once each choice's `text` is put where a chat delta carries it.
+alternatives (a client may show them); unknown top-level fields' strings with every choice. A stream
+is held like a chat stream: the chunks are read by the chat reader once each choice's `text` is put
+where a chat delta carries it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from proxy.screening.collect import Reply, extra_text
+from proxy.screening.collect import Reply, extra_text, shown_fields, top_text
+from proxy.screening.logprobs import unspelled
 from proxy.streaming.buffered import HeldStream
 from proxy.streaming.reply import Added
 from proxy.streaming.shape import MalformedReply, index_of, mapping, other_text, reply_object, text_of
@@ -42,6 +44,9 @@ def read_completion(body: bytes) -> tuple[dict[str, Any], list[Reply]]:
         texts = [text_of(choice, "text", at), logprobs_text(choice.get("logprobs"), texts_of(choice))]
         texts += [t for extra in other_text(choice, CHOICE_FIELDS).values() for t in extra]
         replies.append(Reply(index, "\n".join(t for t in texts if t)))
+    # Unknown top-level fields are read with every choice (as a chat completion's are).
+    if top := "\n".join(top_text(reply)):
+        replies = [Reply(r.index, f"{r.text}\n{top}" if r.text else top) for r in replies] or [Reply(0, top)]
     return reply, replies
 
 
@@ -97,9 +102,7 @@ def logprobs_text(logprobs: Any, text: str) -> str:
         return " ".join(extra_text({"logprobs": logprobs}))
     rest = dict(logprobs)
     tokens, top = rest.pop("tokens", None), rest.pop("top_logprobs", None)
-    shown = []
-    if not (isinstance(tokens, list) and "".join(map(str, tokens)) == text):
-        shown += extra_text({"tokens": tokens})
+    shown = unspelled(tokens, text)
     if isinstance(top, list):
         shown += [key for alternatives in top if isinstance(alternatives, dict) for key in alternatives]
         top = [alternatives for alternatives in top if not isinstance(alternatives, dict)]
@@ -128,7 +131,7 @@ def replace_choices(reply: dict[str, Any], blocked: set[int], refusal: str) -> d
     for choice in reply.get("choices") or []:
         index = (choice or {}).get("index", 0)
         choices.append(refused_choice(index, refusal) if index in blocked else choice)
-    return {**reply, "choices": choices}
+    return {**shown_fields(reply), "choices": choices}
 
 
 def refusal_chunks(base: dict[str, Any], indexes: Iterable[int], refusal: str) -> list[bytes]:

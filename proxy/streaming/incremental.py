@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from proxy.errors import ProxyError
 from proxy.screening.collect import Reply
 from proxy.streaming.buffered import cut_choices, refusal_events
-from proxy.streaming.reply import Added, StreamedReply, read_stream
+from proxy.streaming.reply import EVERY, Added, StreamedReply, read_stream
 from proxy.streaming.sse import DONE, Event, data_of
 
 CHARS_PER_TOKEN = 4
@@ -137,13 +137,17 @@ class IncrementalRelay:
             self._wake.set()
             return
         self._seq += 1
-        choices = frozenset(index for index, _, _ in added)
+        choices = frozenset(index for index, _, _ in added if index != EVERY)
         texts, chars = set(), 0
         for index, n, last in added:
-            if n and index not in self._blocked:
-                texts.add(index)
+            # Top-level text is every choice's, those not seen yet too: the event waits for a check
+            # of each of them.
+            every = {*range(self.release.choices), *self.reply.choices} if index == EVERY else {index}
+            for each in every - self._blocked if n else set():
+                texts.add(each)
+                self._unchecked[each] = self._unchecked.get(each, 0) + n
+            if n and not every <= self._blocked:
                 chars += n
-                self._unchecked[index] = self._unchecked.get(index, 0) + n
                 if self.release.on_sentence and ends_sentence(last):
                     self._sentence_due = True
         if not (choices and choices <= self._blocked):
@@ -207,7 +211,9 @@ class IncrementalRelay:
             self._held.popleft()
             self.held_bytes -= len(head.frame)
             frame: bytes | None = head.frame
-            if head.choices & self._blocked:
+            # An event whose text a blocked check read leaves without that choice and without its
+            # unknown top-level fields (every choice's check read those).
+            if (head.choices | head.texts) & self._blocked:
                 frame = cut_choices(json.loads(data_of(head.frame)), head.frame, self._blocked)
             if frame is None:
                 continue

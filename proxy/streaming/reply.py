@@ -15,7 +15,8 @@ from typing import Any, ClassVar
 
 from proxy.errors import UpstreamError
 from proxy.protocol import error_body, loads
-from proxy.screening.collect import Reply
+from proxy.screening.collect import COMPLETION_FIELDS, Reply
+from proxy.screening.logprobs import chat_logprobs_text
 from proxy.streaming.shape import (
     CHOICE_FIELDS,
     KNOWN_FIELDS,
@@ -36,6 +37,8 @@ _PLAIN_DELTA = frozenset({"role", "content"})
 
 Added = tuple[int, int, str]
 """What one event added to one of its choices: (choice index, characters of text, the last text piece)."""
+EVERY = -1
+"""The choice index of text an event added to every choice (its unknown top-level fields)."""
 
 
 class ReplyTooLarge(UpstreamError):
@@ -92,12 +95,13 @@ class _ChoiceText:
     content: TextPieces = field(default_factory=TextPieces)
     tools: dict[int, TextPieces] = field(default_factory=dict)
     refusal: TextPieces = field(default_factory=TextPieces)
+    logprobs: TextPieces = field(default_factory=TextPieces)
     other: dict[str, TextPieces] = field(default_factory=dict)
 
     def text(self) -> str:
         parts = [self.reasoning.value(), self.content.value()]
         parts += [args.value() for _, args in sorted(self.tools.items())]
-        parts.append(self.refusal.value())
+        parts += [self.refusal.value(), self.logprobs.value()]
         parts += [texts.value() for texts in self.other.values()]
         return "\n".join(p for p in parts if p)
 
@@ -117,15 +121,23 @@ class StreamedReply:
     created: int | None = None
     fingerprint: str | None = None
     """The upstream's `system_fingerprint`, which the proxy's own chunks carry too."""
+    top: dict[str, TextPieces] = field(default_factory=dict)
+    """Unknown top-level fields' text, by field: part of every choice's text."""
     _sse: EventReader = field(default_factory=EventReader)
     END: ClassVar[str] = "[DONE]"
     """What ends the stream, for the error that says it never came."""
 
     def replies(self) -> list[Reply]:
-        return [Reply(index, c.text()) for index, c in sorted(self.choices.items())]
+        """Each choice's text so far; top-level text alone is choice 0's while there are no choices."""
+        indexes = sorted(self.choices) or ([0] if self.top else [])
+        return [self.reply(index) for index in indexes]
 
     def reply(self, index: int) -> Reply:
-        return Reply(index, self.choices[index].text())
+        """A choice's text so far, then the top-level text (a choice not seen yet has only that)."""
+        choice = self.choices.get(index)
+        texts = [choice.text() if choice is not None else ""]
+        texts += [pieces.value() for pieces in self.top.values()]
+        return Reply(index, "\n".join(t for t in texts if t))
 
     def feed(self, chunk: bytes) -> Iterator[tuple[Event, list[Added]]]:
         """The events `chunk` completes, each read (shape checked, text added) when taken; events
@@ -173,6 +185,8 @@ class StreamedReply:
         # most of the cost of reading one.
         at, in_delta = "choices[]", "choices[].delta"
         added: list[Added] = []
+        if not chunk.keys() <= COMPLETION_FIELDS:
+            added += self._read_top(chunk)
         for choice in items(chunk.get("choices"), "choices"):
             choice = mapping(choice, at)
             index = index_of(choice, at)
@@ -187,12 +201,17 @@ class StreamedReply:
                 continue
             delta = mapping(choice.get("delta"), in_delta)
             text_of(choice, "finish_reason", at)
+            content, refusal = content_text(delta.get("content"), in_delta), text_of(delta, "refusal", in_delta)
             pieces: list[tuple[TextPieces, str]] = [
                 (state.reasoning, text_of(delta, "reasoning_content", in_delta)),
                 (state.reasoning, text_of(delta, "reasoning", in_delta)),
-                (state.content, content_text(delta.get("content"), in_delta)),
-                (state.refusal, text_of(delta, "refusal", in_delta)),
+                (state.content, content),
+                (state.refusal, refusal),
             ]
+            # Of `logprobs`, what a client may show beside this chunk's text (spaced: alternatives of
+            # successive chunks are no one word).
+            if shown := chat_logprobs_text(choice.get("logprobs"), content, refusal):
+                pieces.append((state.logprobs, " ".join(shown) + " "))
             for call, name, arguments in tool_calls_of(delta, in_delta, indexed=True):
                 args = state.tools.get(call)
                 if args is None:
@@ -212,12 +231,26 @@ class StreamedReply:
             added.append((index, chars, last))
         return added
 
+    def _read_top(self, chunk: dict[str, Any]) -> list[Added]:
+        chars, last = 0, ""
+        for key, texts in other_text(chunk, COMPLETION_FIELDS).items():
+            pieces = self.top.get(key)
+            if pieces is None:
+                pieces = self.top[key] = TextPieces()
+            for text in texts:
+                pieces.add(text)
+                chars += len(text)
+                last = text
+        return [(EVERY, chars, last)] if chars else []
+
 
 def _plain_content(choice: dict[str, Any]) -> str | None:
     """The content of a choice whose delta holds only `role` and a content string (or nothing) and
     which has no field beyond the known ones; None for any other shape (read field by field)."""
     delta = choice.get("delta")
     if type(delta) is not dict or not delta.keys() <= _PLAIN_DELTA or not choice.keys() <= CHOICE_FIELDS:
+        return None
+    if choice.get("logprobs") is not None:
         return None
     content, finish = delta.get("content"), choice.get("finish_reason")
     if not (content is None or type(content) is str) or not (finish is None or type(finish) is str):

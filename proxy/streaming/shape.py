@@ -23,7 +23,8 @@ MAX_TOOL_CALLS = 1024
 KNOWN_FIELDS = frozenset(
     {"role", "content", "refusal", "reasoning_content", "reasoning", "tool_calls", "function_call"}
 )
-# Choice fields that are not text a client reads (logprobs mirror the content tokens).
+# Choice fields that are not read as extra text: `logprobs` is read apart (proxy/screening/logprobs.py),
+# against the text it came with.
 CHOICE_FIELDS = frozenset({"index", "delta", "finish_reason", "logprobs"})
 _CALL_FIELDS = frozenset({"index", "id", "type", "function"})
 _TOKEN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
