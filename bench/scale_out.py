@@ -9,7 +9,7 @@ client. The client never retries: a request lost in the restart shows as an erro
 
     python bench/scale_out.py                        # 600 s, the Measure run of issue 11
     python bench/scale_out.py --duration 60 --baseline-s 10
-    python bench/scale_out.py --memory               # RSS of one worker per guard placement
+    python bench/scale_out.py --memory               # memory of each worker per guard placement
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ def write_config(
     else:
         guards = {
             "prompt_guard": {"family": "prompt-guard-2", "model": str(in_process / "prompt-guard")},
-            "llama_guard": {"family": "llama-guard-3-1b", "model": str(in_process / "llama-guard")},
+            # min_mass 0: random weights put little mass on safe/unsafe, a guard error (503) otherwise
+            "llama_guard": {"family": "llama-guard-3-1b", "model": str(in_process / "llama-guard"), "min_mass": 0},
         }
     config = {
         "server": {"host": "127.0.0.1"},
@@ -146,10 +147,12 @@ def children(pid: int) -> list[int]:
     return sorted(out)
 
 
-def rss_mib(pid: int) -> float | None:
+def rss_mib(pid: int, field: str = "VmRSS") -> float | None:
+    """`RssAnon`: the process's own pages; `RssFile`: pages of mapped files (weights loaded without a
+    copy), which processes mapping the same file share."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         return None
@@ -335,9 +338,25 @@ def build_default_shapes(tmp: Path) -> Path:
     return shapes
 
 
-async def memory(models: Path, shapes: Path, tmp: Path) -> dict[str, Any]:
-    """RSS of one serving process (what each `--workers` process costs) per guard placement, after
-    it answered `--warm` requests."""
+def pss_mib(pid: int) -> float | None:
+    """Proportional set size: a page shared by n processes counts 1/n in each (the sum is what they use)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def worker_memory(pid: int) -> dict[str, int]:
+    fields = {"rss": rss_mib(pid), "anon": rss_mib(pid, "RssAnon"), "file": rss_mib(pid, "RssFile")}
+    return {k: round(v or 0) for k, v in {**fields, "pss": pss_mib(pid)}.items()}
+
+
+async def memory(models: Path, shapes: Path, tmp: Path, workers: int) -> dict[str, Any]:
+    """Memory of each `--workers` process per guard placement, after the first requests (each on a new
+    connection, so the kernel spreads them over the workers)."""
     fakes, urls = start_fakes(models)
     out: dict[str, Any] = {}
     try:
@@ -348,18 +367,21 @@ async def memory(models: Path, shapes: Path, tmp: Path) -> dict[str, Any]:
         ]
         for name, in_process in placements:
             port = free_port()
-            proxy = start_proxy(write_config(tmp, urls, models, in_process, 600), port, 1, tmp / "memory.log")
+            config = write_config(tmp, urls, models, in_process, 600)
+            proxy = start_proxy(config, port, workers, tmp / "memory.log")
             try:
                 url = f"http://127.0.0.1:{port}"
-                await ready(url, 1)
-                loaded = rss_mib(proxy.pid)
+                await ready(url, workers)
                 run = Run()
-                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
-                    for _ in range(2 if in_process is shapes else 50):
+                for _ in range(8 if in_process is shapes else 50):
+                    connector = aiohttp.TCPConnector(force_close=True)
+                    timeout = aiohttp.ClientTimeout(600)
+                    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
                         await one(session, url, run)
+                pids = children(proxy.pid) if workers > 1 else [proxy.pid]
                 out[name] = {
-                    "rss_mib_ready": round(loaded or 0),
-                    "rss_mib_after_requests": round(rss_mib(proxy.pid) or 0),
+                    "workers": {pid: worker_memory(pid) for pid in pids},
+                    "parent": worker_memory(proxy.pid) if workers > 1 else None,
                     "requests": len(run.results),
                     "errors": [r[2] for r in run.results if not r[2].endswith(":ok")],
                 }
@@ -384,7 +406,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--restart-at", type=float, default=0.5, help="when one worker is restarted (fraction)")
     parser.add_argument("--sample-s", type=float, default=10, help="RSS sampling interval")
-    parser.add_argument("--memory", action="store_true", help="RSS of one worker per guard placement, then exit")
+    parser.add_argument("--memory", action="store_true", help="memory of each worker per guard placement, then exit")
     parser.add_argument("--out", type=Path, help="write the JSON result here too")
     args = parser.parse_args()
 
@@ -395,7 +417,7 @@ def main() -> None:
     models = tmp / "demo-models"
     build_models(models)
     if args.memory:
-        result = asyncio.run(memory(models, build_default_shapes(tmp), tmp))
+        result = asyncio.run(memory(models, build_default_shapes(tmp), tmp, args.workers))
     else:
         result = asyncio.run(measure(args, models, tmp))
     text = json.dumps(result, indent=1)
