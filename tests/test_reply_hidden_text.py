@@ -46,6 +46,11 @@ HIDDEN: dict[str, tuple[str, Any, dict[str, Any]]] = {
         {"content": [entry("Fine", spelled=b"a " + TRIGGER.encode()), entry(".")], "refusal": None},
         {},
     ),
+    "alternative-bytes-other-than-its-token": (
+        "Fine.",
+        {"content": [{**entry("Fine."), "top_logprobs": [{"token": "Fine.", "bytes": list(TRIGGER.encode())}]}]},
+        {},
+    ),
     "refusal-tokens": ("Fine.", {"content": [entry("Fine"), entry(".")], "refusal": [entry(TRIGGER)]}, {}),
     "logprobs-not-an-object": ("Fine.", f"a {TRIGGER}", {}),
     "unknown-top-level-field": ("Fine.", None, {"vendor_note": f"a {TRIGGER} recipe"}),

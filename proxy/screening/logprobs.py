@@ -36,11 +36,14 @@ def token_entries_text(entries: Any, text: str) -> list[str]:
         shown.append(said)
     for entry in entries:
         alternatives = entry.get("top_logprobs")
+        if isinstance(alternatives, list):
+            # The chosen token heads its own alternatives, as a rule: it was read above already.
+            alternatives = [_other_than(a, entry.get("token")) for a in alternatives]
         shown += extra_text({"top_logprobs": alternatives})
         for alternative in alternatives if isinstance(alternatives, list) else []:
             if isinstance(alternative, dict):
                 said = decoded([alternative.get("bytes")])
-                if said is not None and said != alternative.get("token"):
+                if said is not None and said != alternative.get("token", entry.get("token")):
                     shown.append(said)
         shown += extra_text({k: v for k, v in entry.items() if k not in _ENTRY_FIELDS and k != "top_logprobs"})
     return shown
@@ -59,6 +62,13 @@ def chat_logprobs_text(logprobs: Any, content: str, refusal: str) -> list[str]:
         *token_entries_text(logprobs.get("refusal"), refusal),
         *extra_text(rest),
     ]
+
+
+def _other_than(alternative: Any, chosen: Any) -> Any:
+    """An alternative without its `token` where that is the chosen one."""
+    if isinstance(alternative, dict) and isinstance(chosen, str) and alternative.get("token") == chosen:
+        return {k: v for k, v in alternative.items() if k != "token"}
+    return alternative
 
 
 def decoded(lists: list[Any]) -> str | None:
