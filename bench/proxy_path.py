@@ -236,13 +236,23 @@ async def rate(url: str, concurrency: int, total: int, stream: bool = True, uniq
         return total / (time.perf_counter() - start)
 
 
-def measure(name: str, url: str, n: int, total: int) -> dict[str, Any]:
-    row = {
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used (Linux /proc): unlike a rate, what one stream costs
+    the server does not move with what else runs on a shared machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(name: str, url: str, n: int, total: int, pid: int | None = None) -> dict[str, Any]:
+    row: dict[str, Any] = {
         "target": name,
         "p50_json_ms": asyncio.run(p50(url, False, n)),
         "p50_stream_ms": asyncio.run(p50(url, True, n)),
-        "streams_per_s_c32": asyncio.run(rate(url, 32, total)),
     }
+    used = cpu_seconds(pid) if pid is not None else 0.0
+    row["streams_per_s_c32"] = asyncio.run(rate(url, 32, total))
+    if pid is not None:  # the rate run's warm-up round is `total` streams too
+        row["cpu_ms_per_stream"] = (cpu_seconds(pid) - used) * 1000 / (2 * total)
     print(json.dumps(row), file=sys.stderr, flush=True)
     return row
 
@@ -250,7 +260,7 @@ def measure(name: str, url: str, n: int, total: int) -> dict[str, Any]:
 def with_server(args: list[str], pythonpath: str | None, n: int, total: int, name: str) -> dict[str, Any]:
     server = Server(args, pythonpath)
     try:
-        return measure(name, server.url, n, total)
+        return measure(name, server.url, n, total, server.proc.pid)
     finally:
         server.stop()
 
@@ -266,14 +276,17 @@ def build_demo_models() -> str:
 def report(rows: list[dict[str, Any]], direct: dict[str, Any], guarded: list[dict[str, Any]]) -> str:
     relay = next(r for r in rows if r["target"] == "relay")
     out = [
-        "| target | added p50 JSON ms | added p50 stream ms | streams/s at c=32 | % of relay |",
-        "|---|---|---|---|---|",
+        "| target | added p50 JSON ms | added p50 stream ms | streams/s at c=32 | % of relay | server CPU ms/stream "
+        "| relay CPU / server CPU |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        cpu = r.get("cpu_ms_per_stream", 0.0)
         out.append(
             f"| {r['target']} | {r['p50_json_ms'] - direct['p50_json_ms']:.2f} | "
             f"{r['p50_stream_ms'] - direct['p50_stream_ms']:.2f} | {r['streams_per_s_c32']:.0f} | "
-            f"{100 * r['streams_per_s_c32'] / relay['streams_per_s_c32']:.0f}% |"
+            f"{100 * r['streams_per_s_c32'] / relay['streams_per_s_c32']:.0f}% | {cpu:.3f} | "
+            f"{100 * relay.get('cpu_ms_per_stream', 0.0) / cpu if cpu else 0:.0f}% |"
         )
     out.append(
         f"| (upstream direct) | p50 JSON {direct['p50_json_ms']:.2f} | p50 stream {direct['p50_stream_ms']:.2f} | "
