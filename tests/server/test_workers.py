@@ -1,8 +1,8 @@
 """`serve --workers N`: a real parent process and its workers on one port (SO_REUSEPORT).
 
 Which worker answered is read from /readyz (`pid`); the kernel spreads new connections over the
-workers, so asking on new connections until both pids answered is bounded in probability only by
-the number of tries (2**-199 for two workers and 200 tries)."""
+workers (by a hash of the client's port), so the tests ask on new connections, in rounds of 20, until
+every worker's pid answered: a bound worker is missed by a round with probability 2**-19."""
 
 from __future__ import annotations
 
@@ -45,11 +45,23 @@ async def pids_answering(port: int, want: int, tries: int = 200) -> set[int]:
     return seen
 
 
+async def all_workers(port: int, workers: int) -> set[int]:
+    """Every worker's pid, once each has bound the port (a worker binds it when its guards are loaded,
+    so one may start serving seconds before the other)."""
+    seen: set[int] = set()
+    for _ in range(1200):
+        seen |= await pids_answering(port, workers, tries=20)
+        if len(seen) >= workers:
+            break
+        await asyncio.sleep(0.05)
+    return seen
+
+
 async def test_two_workers_share_the_port_and_drain_on_sigterm(tmp_path: Path, upstream: FakeUpstream) -> None:
     config = write_config(tmp_path, upstream.url, {"shutdown_grace_s": 0})
     port = free_port()
     async with serving(config, port, "--workers", "2") as parent:
-        workers = await pids_answering(port, 2)
+        workers = await all_workers(port, 2)
         assert len(workers) == 2
         assert {parent_of(pid) for pid in workers} == {parent.pid}  # one process per worker, under the parent
         for _ in range(4):
@@ -66,7 +78,8 @@ async def test_a_killed_worker_is_replaced(tmp_path: Path, upstream: FakeUpstrea
     config = write_config(tmp_path, upstream.url, {"shutdown_grace_s": 0})
     port = free_port()
     async with serving(config, port, "--workers", "2") as parent:
-        first = await pids_answering(port, 2)
+        first = await all_workers(port, 2)
+        assert len(first) == 2
         victim = min(first)
         os.kill(victim, signal.SIGKILL)
         replaced: set[int] = set()
@@ -89,7 +102,7 @@ async def test_workers_drain_when_the_parent_dies(tmp_path: Path, upstream: Fake
     config = write_config(tmp_path, upstream.url, {"shutdown_grace_s": 0})
     port = free_port()
     async with serving(config, port, "--workers", "2") as parent:
-        workers = await pids_answering(port, 2)
+        workers = await all_workers(port, 2)
         assert len(workers) == 2
         parent.kill()
         await parent.wait()
