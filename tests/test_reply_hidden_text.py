@@ -178,3 +178,45 @@ async def test_completion_top_level_field_is_screened(start_proxy: Any, upstream
     assert REFUSAL.encode() in answer
     assert TRIGGER.encode() not in answer
     assert b"vendor_note" not in answer
+
+
+def stream_of(*events: dict[str, Any]) -> list[bytes]:
+    chunk = {**BASE, "object": "chat.completion.chunk"}
+    return [b"data: " + json.dumps({**chunk, **e}).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
+
+
+def said(index: int, content: str, finish: str | None = None) -> dict[str, Any]:
+    return {"index": index, "delta": {"content": content}, "logprobs": None, "finish_reason": finish}
+
+
+async def test_a_field_repeated_in_every_chunk_is_read_once(start_proxy: Any, upstream: FakeUpstream) -> None:
+    """A router's `provider` in every chunk is one string a client sees, not a word per chunk in what
+    the guard reads; the stream still passes byte for byte."""
+    events = stream_of(*({"choices": [said(0, word)], "provider": "fakeprov"} for word in ("Hel", "lo ", "there")))
+    serve(upstream, {}, events)
+    async with start_proxy(policies={"default": POLICY}) as proxy:
+        status, answer = await ask(proxy, "/v1/chat/completions", chat_request("buffer"))
+        guard = proxy.guards["llama_guard"]
+    assert status == 200
+    assert events_of(answer) == b"".join(events)
+    agent = [t.text for turns, _ in guard.calls for t in turns if t.speaker == "Agent"]
+    assert agent == ["Hello there\nfakeprov"]
+
+
+@pytest.mark.parametrize("policy", [POLICY, INCREMENTAL], ids=["buffer", "incremental"])
+async def test_a_blocked_choice_takes_the_chunks_top_level_fields_with_it(
+    start_proxy: Any, upstream: FakeUpstream, policy: str
+) -> None:
+    """n=2 streamed, choice 1 blocked: choice 0's events go out, without the unknown top-level field
+    that choice 1's check read too; choice 1 is refused."""
+    events = stream_of(
+        {"choices": [said(0, "Fine and well. "), said(1, f"a {TRIGGER} recipe. ")], "vendor_note": "benign words"},
+        {"choices": [said(0, "", "stop"), said(1, "", "stop")]},
+    )
+    serve(upstream, {}, events)
+    async with start_proxy(policies={"default": policy}) as proxy:
+        status, answer = await ask(proxy, "/v1/chat/completions", {**chat_request("buffer"), "n": 2})
+    assert status == 200
+    assert TRIGGER.encode() not in answer and b"vendor_note" not in answer
+    assert b"Fine and well. " in answer and REFUSAL.encode() in answer
+    assert choice_indexes(answer) == {0, 1}

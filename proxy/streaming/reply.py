@@ -124,6 +124,7 @@ class StreamedReply:
     top: dict[str, TextPieces] = field(default_factory=dict)
     """Unknown top-level fields' text, by field: part of every choice's text."""
     _sse: EventReader = field(default_factory=EventReader)
+    _top_last: dict[str, list[str]] = field(default_factory=dict)
     END: ClassVar[str] = "[DONE]"
     """What ends the stream, for the error that says it never came."""
 
@@ -234,6 +235,11 @@ class StreamedReply:
     def _read_top(self, chunk: dict[str, Any]) -> list[Added]:
         chars, last = 0, ""
         for key, texts in other_text(chunk, COMPLETION_FIELDS).items():
+            # A value repeated in every chunk (a router's `provider`) is what the client already has
+            # from the chunk before: read once, not once per chunk.
+            if self._top_last.get(key) == texts:
+                continue
+            self._top_last[key] = texts
             pieces = self.top.get(key)
             if pieces is None:
                 pieces = self.top[key] = TextPieces()
