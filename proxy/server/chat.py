@@ -15,11 +15,12 @@ from proxy.screening.completion import completion_replies
 from proxy.screening.refusal import is_structured, refusal_completion, replace_choices
 from proxy.server.exchange import handle
 from proxy.server.json_body import invalid
+from proxy.server.wire import Stateless
 from proxy.streaming.buffered import HeldStream, refusal_stream, replay
 from proxy.streaming.shape import parse_completion
 
 
-class ChatWire:
+class ChatWire(Stateless):
     path = "/v1/chat/completions"
     upstream_path = "/chat/completions"
     prompt_field = "messages"
@@ -57,14 +58,6 @@ class ChatWire:
 
     def replay(self, chat: ChatRequest, held: HeldStream, blocked: set[int], refusal: str) -> Iterator[bytes]:
         return replay(held, blocked, refusal, structured=is_structured(chat))
-
-    async def answered(
-        self, request: web.Request, chat: ChatRequest, reply_id: str | None, replies: list[Reply]
-    ) -> None:
-        return None
-
-    async def withheld(self, request: web.Request, chat: ChatRequest, reply_id: str | None) -> None:
-        return None
 
 
 CHAT = ChatWire()

@@ -16,6 +16,7 @@ from proxy.protocol import ChatRequest
 from proxy.screening.collect import Reply
 from proxy.server.exchange import handle
 from proxy.server.json_body import invalid
+from proxy.server.wire import Stateless
 from proxy.streaming.buffered import HeldStream, replay
 from proxy.streaming.completions import (
     CompletionStream,
@@ -96,7 +97,7 @@ def wants_usage(chat: ChatRequest) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
-class CompletionsWire:
+class CompletionsWire(Stateless):
     path = "/v1/completions"
     upstream_path = "/completions"
     prompt_field = "prompt"
@@ -124,14 +125,6 @@ class CompletionsWire:
 
     def replay(self, chat: ChatRequest, held: HeldStream, blocked: set[int], refusal: str) -> Iterator[bytes]:
         return replay(held, blocked, refusal)
-
-    async def answered(
-        self, request: web.Request, chat: ChatRequest, reply_id: str | None, replies: list[Reply]
-    ) -> None:
-        return None
-
-    async def withheld(self, request: web.Request, chat: ChatRequest, reply_id: str | None) -> None:
-        return None
 
 
 COMPLETIONS = CompletionsWire()

@@ -67,3 +67,16 @@ class WireFormat(Protocol):
         """The reply was blocked, or its check failed: the client does not get it (the upstream may
         still keep it)."""
         ...
+
+
+class Stateless:
+    """The two hooks of a wire format whose upstream keeps nothing between requests (chat and legacy
+    completions): nothing to remember of a reply that passed, nothing to mark of one withheld."""
+
+    async def answered(
+        self, request: web.Request, chat: ChatRequest, reply_id: str | None, replies: list[Reply]
+    ) -> None:
+        return None
+
+    async def withheld(self, request: web.Request, chat: ChatRequest, reply_id: str | None) -> None:
+        return None
