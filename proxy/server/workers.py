@@ -89,6 +89,8 @@ class Supervisor:
                                                        start_new_session=True)  # fmt: skip
         self.running[process.pid] = process
         log.info("worker_started", pid=process.pid)
+        if self.stopping is not None:  # the stop came while it was being started: it drains too
+            process.send_signal(self.stopping)
 
     async def _watch(self) -> int:
         statuses: list[int] = []
