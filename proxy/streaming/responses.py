@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from proxy.screening.collect import Reply, extra_text
+from proxy.screening.logprobs import token_entries_text
 from proxy.streaming.buffered import HeldStream, replay
 from proxy.streaming.reply import Added, TextPieces, UpstreamReported
 from proxy.streaming.shape import MalformedReply, items, mapping, reply_object, text_of, token
@@ -134,15 +135,8 @@ class ResponseText:
 
 
 def logprobs_text(logprobs: Any, text: Any) -> str:
-    """What a client may show of a text's `logprobs`: its tokens where they do not spell the text, and
-    each position's alternatives (the numbers and bytes are no text)."""
-    if logprobs is None:
-        return ""
-    entries = logprobs if isinstance(logprobs, list) else [logprobs]
-    spelled = all(isinstance(e, dict) and isinstance(e.get("token"), str) for e in entries)
-    if spelled and "".join(e["token"] for e in entries) == text:
-        entries = [{k: v for k, v in e.items() if k != "token"} for e in entries]
-    return " ".join(extra_text({"logprobs": entries}))
+    """What a client may show of a text's `logprobs` (chat's token-entry shape, proxy/screening/logprobs.py)."""
+    return " ".join(token_entries_text(logprobs, text if isinstance(text, str) else ""))
 
 
 def _index(event: dict[str, Any], key: str, limit: int = MAX_OUTPUT_ITEMS) -> int:
