@@ -295,45 +295,6 @@ def output_conversation(request: ChatRequest, reply: Reply, *, include_system: b
     return _merge([*conversation(request, include_system=include_system), Turn("Agent", text)])
 
 
-def reply_text(message: ChoiceMessage | None) -> str:
-    if message is None:
-        return ""
-    parts = [*reasoning_text(message), message.content or "", *tool_call_text(message)]
-    if message.refusal:
-        parts.append(message.refusal)
-    parts += reply_extra_text(message.model_extra)
-    return "\n".join(p for p in parts if p)
-
-
-# Top-level fields of a completion or chunk (chat or legacy) that carry no text a client shows as
-# content: OpenAI's schema, `obfuscation` (random padding) and `error` (a non-null one is refused).
-# Any other top-level field's strings are read with every choice's text.
-COMPLETION_FIELDS = frozenset(
-    {"id", "object", "created", "model", "system_fingerprint", "service_tier", "usage", "choices"}
-    | {"obfuscation", "error"}
-)
-
-
-def top_text(reply: dict[str, Any]) -> list[str]:
-    """The strings of a completion's (or chunk's) top-level fields outside COMPLETION_FIELDS."""
-    return reply_extra_text({k: v for k, v in reply.items() if k not in COMPLETION_FIELDS})
-
-
-def shown_fields(reply: dict[str, Any]) -> dict[str, Any]:
-    """A completion (or chunk) without its unknown top-level fields: what a blocked reply may keep."""
-    return {k: v for k, v in reply.items() if k in COMPLETION_FIELDS}
-
-
-def reply_extra_text(extra: dict[str, Any] | None) -> list[str]:
-    """`extra_text` of a reply's fields (JSON or stream): its `audio` carries base64 sound the guard
-    cannot read, so there only the transcript is screened."""
-    out = dict(extra or {})
-    audio = out.get("audio")
-    if isinstance(audio, dict):
-        out["audio"] = {k: v for k, v in audio.items() if k != "data"}
-    return extra_text(out)
-
-
 def count_limits(request: ChatRequest) -> tuple[int, int]:
     """(characters, images) over every message the model will read."""
     chars = sum(len(t) for t in [*definition_texts(request), *document_texts(request)])

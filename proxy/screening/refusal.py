@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.protocol import ChatRequest
-from proxy.screening.collect import shown_fields
+from proxy.screening.completion import shown_fields
 
 
 def is_structured(chat: ChatRequest) -> bool:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.screening.collect import shown_fields
+from proxy.screening.completion import shown_fields
 from proxy.streaming.reply import Added, ReplyTooLarge, StreamedReply, UpstreamReported, read_stream
 from proxy.streaming.sse import DONE, Event, data_of, encode
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from proxy.screening.collect import Reply, extra_text, shown_fields, top_text
+from proxy.screening.collect import Reply, extra_text
+from proxy.screening.completion import shown_fields, top_text
 from proxy.screening.logprobs import unspelled
 from proxy.streaming.buffered import HeldStream
 from proxy.streaming.reply import Added

@@ -15,7 +15,8 @@ from typing import Any, ClassVar
 
 from proxy.errors import UpstreamError
 from proxy.protocol import error_body, loads
-from proxy.screening.collect import COMPLETION_FIELDS, Reply
+from proxy.screening.collect import Reply
+from proxy.screening.completion import COMPLETION_FIELDS
 from proxy.screening.logprobs import chat_logprobs_text
 from proxy.streaming.shape import (
     CHOICE_FIELDS,

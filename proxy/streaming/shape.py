@@ -15,7 +15,8 @@ from typing import Any
 
 from proxy.errors import UpstreamError
 from proxy.protocol import loads
-from proxy.screening.collect import TEXT_PART_FIELDS, extra_text, reply_extra_text
+from proxy.screening.collect import TEXT_PART_FIELDS, extra_text
+from proxy.screening.completion import reply_extra_text
 
 MAX_CHOICES = 128  # the most choices a request may ask for (`n`)
 MAX_TOOL_CALLS = 1024

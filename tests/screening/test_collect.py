@@ -13,10 +13,10 @@ from proxy.screening.collect import (
     Reply,
     input_conversations,
     output_conversation,
-    reply_text,
     screen_texts,
     unscreened_parts,
 )
+from proxy.screening.completion import reply_text
 from proxy.screening.normalize import guard_view
 
 
