@@ -280,8 +280,10 @@ async def run_server(
     watcher = asyncio.create_task(watch_parent(signals.stop)) if supervised else None
     try:
         runner, site = await start_server(app, host, port, reuse_port=reuse_port, shutdown_timeout_s=CUT_WAIT_S)
+        listened = signals.received is None  # a stop during the startup: no load balancer saw this process
         try:
-            return await drain_server(app, runner, site, await signals.wait())
+            sig = await signals.wait()
+            return await drain_server(app, runner, site, sig, grace=listened and app[READINESS].ready)
         finally:
             await runner.cleanup()
     finally:

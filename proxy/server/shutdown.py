@@ -5,8 +5,9 @@ connections are refused), requests in flight finish within `drain_timeout_s`, an
 Past the deadline what is left is cut: a held stream whose headers went out ends with one final error
 event (`shutting_down`) and `data: [DONE]`, never with the unchecked text it held; a request with no
 response yet gets a 503 with `Retry-After`; the process then exits EXIT_CUT. SIGINT (an interactive
-stop) skips the grace period; a repeated signal changes nothing (a supervisor or a cgroup kill may
-deliver the same stop twice), SIGKILL is the way to stop at once.
+stop) skips the grace period, as does a stop before `/readyz` ever said ready. A repeated signal
+changes nothing (a supervisor or a cgroup kill may deliver the same stop twice); SIGKILL is the way
+to stop at once.
 """
 
 from __future__ import annotations
@@ -161,13 +162,16 @@ class StopSignals:
             self._loop.remove_signal_handler(sig)
 
 
-async def drain_server(app: web.Application, runner: web.AppRunner, site: web.BaseSite, sig: signal.Signals) -> int:
+async def drain_server(
+    app: web.Application, runner: web.AppRunner, site: web.BaseSite, sig: signal.Signals, *, grace: bool = True
+) -> int:
     """Readiness off, the grace period, the listener closed, the drain, and the cut past its deadline:
-    the exit status (EXIT_DRAINED or EXIT_CUT)."""
+    the exit status (EXIT_DRAINED or EXIT_CUT). `grace`: False when /readyz never said ready (no load
+    balancer sends anything to warn)."""
     settings = app[SETTINGS].server
     drain = app[DRAIN]
     drain.draining = True
-    grace_s = settings.shutdown_grace_s if sig == signal.SIGTERM else 0.0
+    grace_s = settings.shutdown_grace_s if sig == signal.SIGTERM and grace else 0.0
     log.info("draining", signal=sig.name, in_flight=drain.in_flight, grace_s=grace_s,
              drain_timeout_s=settings.drain_timeout_s)  # fmt: skip
     await asyncio.sleep(grace_s)  # the load balancer's time to see /readyz fail; connections still taken

@@ -47,8 +47,10 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def serving(config: Path, port: int, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    """The process, once something answers /readyz on `port` (killed at the end if still running)."""
+async def serving(
+    config: Path, port: int, *args: str, readyz: int = 200
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """The process, once /readyz on `port` answers with status `readyz` (killed at the end if still running)."""
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "HF_HUB_OFFLINE": "1"}
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port), *args,
@@ -59,11 +61,11 @@ async def serving(config: Path, port: int, *args: str) -> AsyncIterator[asyncio.
             assert process.returncode is None, f"serve exited with {process.returncode}"
             with contextlib.suppress(OSError):
                 status, _ = await get(port, "/readyz")
-                if status == 200:
+                if status == readyz:
                     break
             await asyncio.sleep(0.05)
         else:
-            raise AssertionError("serve did not become ready within 60 s")
+            raise AssertionError(f"/readyz did not answer {readyz} within 60 s")
         yield process
     finally:
         if process.returncode is None:

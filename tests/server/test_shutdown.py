@@ -139,3 +139,21 @@ async def test_sigint_skips_the_grace_period(tmp_path: Path, upstream: FakeUpstr
     async with serving(config, port) as process:
         process.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(process.wait(), 60) == 0
+
+
+async def test_sigterm_before_ready_skips_the_grace_period(tmp_path: Path, upstream: FakeUpstream) -> None:
+    """A process whose /readyz never said ready (its guard failed to load) had no traffic from any load
+    balancer: SIGTERM stops it at once, where a grace period of an hour would hold it."""
+    config = write_config(tmp_path, upstream.url, {"shutdown_grace_s": 3600})
+    data = json.loads(config.read_text())
+    data["guards"] = {"prompt_guard": {"family": "prompt-guard-2", "model": str(tmp_path / "no-such-model")}}
+    config.write_text(json.dumps(data))
+    port = free_port()
+    async with serving(config, port, readyz=503) as process:
+        await until(lambda: failed(port), "the guard's load failed")
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 60) == 0
+
+
+async def failed(port: int) -> bool:
+    return bool((await get(port, "/readyz"))[1]["status"] == "failed")
