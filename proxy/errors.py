@@ -13,6 +13,7 @@ ProxyError
     UpstreamTimeout (504)     upstream too slow (connect, total, between chunks)
   GuardUnavailable (503)      a guard failed, timed out or is overloaded and the policy blocks on that
   NotReady (503)              guards still loading
+  ShuttingDown (503)          the drain deadline passed before the request finished
 """
 
 from __future__ import annotations
@@ -135,3 +136,14 @@ class GuardUnavailable(ProxyError):
 
 class NotReady(GuardUnavailable):
     code = "not_ready"
+
+
+class ShuttingDown(ProxyError):
+    """503: the process stopped before this request could finish (the drain deadline passed)."""
+
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
+
+    def __init__(self) -> None:
+        super().__init__("The proxy is shutting down and could not finish this request; retry it.", retry_after_s=1)

@@ -21,7 +21,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy.errors import ProxyError
+from proxy.errors import ShuttingDown
 from proxy.server.middleware import error_response
 from proxy.server.state import SETTINGS, record_of
 from proxy.streaming.held_response import HELD, HeldResponse
@@ -33,17 +33,6 @@ EXIT_CUT = 3
 """Exit status when the drain deadline passed and requests were cut."""
 CUT_WAIT_S = 2.0  # for the cut requests' last writes (error events, 503s) to a client that may not read
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class ShuttingDown(ProxyError):
-    """503: the process stopped before this request could finish (the drain deadline passed)."""
-
-    status = 503
-    type = "server_error"
-    code = "shutting_down"
-
-    def __init__(self) -> None:
-        super().__init__("The proxy is shutting down and could not finish this request; retry it.", retry_after_s=1)
 
 
 class Drain:
