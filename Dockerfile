@@ -17,6 +17,8 @@ COPY policies ./policies
 # The default config requires a tenant key (GUARDRAIL_API_KEY): the image never serves open on 0.0.0.0.
 COPY docker/config.yaml ./config.yaml
 # The CPU wheel of torch; on a GPU host build FROM an image with CUDA and drop the index URL.
+# ".[otel]" is this source tree with its OpenTelemetry extra, not a registry package to pin (DL3013).
+# hadolint ignore=DL3013
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu ".[otel]" \
     && mkdir -p /models /config \
     && chown -R 10001:10001 /models /app
