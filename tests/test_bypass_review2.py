@@ -11,6 +11,19 @@ import pytest
 from tests.fakes.upstream import FakeUpstream
 from tests.server.test_responses import POLICY
 from tests.test_bypass_endpoints import post_raw
+from tests.test_reply_hidden_text import (
+    INCREMENTAL,
+    MODES,
+    REFUSAL,
+    TRIGGER,
+    ask,
+    chat_request,
+    chunks,
+    completion,
+    entry,
+    serve,
+)
+from tests.test_reply_hidden_text import POLICY as HIDDEN_POLICY
 
 MANY = 400_000
 
@@ -38,3 +51,29 @@ async def test_a_long_array_of_wrong_items_is_refused_without_stalling_the_loop(
         status, _ = await post_raw(proxy.url, path, body)
     assert status == 400
     assert upstream.chat_requests == []
+
+
+
+# Text an upstream hides where extra_text did not look: an object's keys, and the values of keys it
+# skips as identifiers (`id`, `type` ...), inside unknown reply fields and logprobs entries.
+KEYS_HIDDEN: dict[str, tuple[str, Any, dict[str, Any]]] = {
+    "top-level-key": ("Fine.", None, {"vendor_extra": {f"a {TRIGGER} recipe": 1}}),
+    "top-level-id": ("Fine.", None, {"vendor_extra": {"id": f"a {TRIGGER} recipe"}}),
+    "logprobs-entry-key": ("Fine.", {"content": [{**entry("Fine."), f"a {TRIGGER}": 0}], "refusal": None}, {}),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", list(KEYS_HIDDEN))
+async def test_reply_text_in_an_unknown_fields_keys_is_screened(
+    start_proxy: Any, upstream: FakeUpstream, case: str, mode: str
+) -> None:
+    """A reply's unknown fields were read for their string values only: text written as an object's
+    key, or under a key read as an identifier, reached the client unscreened."""
+    content, logprobs, top = KEYS_HIDDEN[case]
+    serve(upstream, completion(content, logprobs, top), chunks(content, logprobs, top))
+    async with start_proxy(policies={"default": INCREMENTAL if mode == "incremental" else HIDDEN_POLICY}) as proxy:
+        status, answer = await ask(proxy, "/v1/chat/completions", chat_request(mode))
+    assert status == 200
+    assert REFUSAL.encode() in answer
+    assert TRIGGER.encode() not in answer

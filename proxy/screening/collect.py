@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +47,12 @@ TEXT_PART_FIELDS = {
 }
 IMAGE_PART_TYPES = frozenset({"image_url"})
 # Keys of unknown fields whose values are identifiers or binary payloads, not text a model reads.
-_NOT_TEXT_KEYS = frozenset({"id", "type", "signature", "tool_call_id", "expires_at"})
+_NOT_TEXT_KEYS = frozenset({"id", "type", "tool_call_id", "expires_at"})
+# Opaque to everyone but the upstream that made it (a reasoning block's base64 signature).
+_OPAQUE_KEYS = frozenset({"signature"})
+# A key, or a _NOT_TEXT_KEYS value, that is one identifier names something: any other string there is
+# text a template may render or a client show (`{"a recipe for ...": 1}`, `{"id": "a recipe ..."}`).
+_IDENTIFIER = re.compile(r"[A-Za-z0-9_.:-]{0,64}")
 
 
 class ThreadedRequest(ChatRequest):
@@ -85,19 +91,24 @@ def reasoning_text(message: Message | ChoiceMessage) -> list[str]:
 def extra_text(extra: dict[str, Any] | None) -> list[str]:
     """Every string inside fields the protocol models do not name: a template may render them."""
     out: list[str] = []
-    stack: list[tuple[str, Any]] = list((extra or {}).items())
+    stack: list[tuple[str, Any]] = _with_keys(extra or {})
     while stack:
         key, value = stack.pop()
-        if key in _NOT_TEXT_KEYS:
+        if key in _OPAQUE_KEYS:
             continue
         if isinstance(value, str):
-            if value:
+            if value and not (key in _NOT_TEXT_KEYS and _IDENTIFIER.fullmatch(value)):
                 out.append(value)
         elif isinstance(value, dict):
-            stack.extend(value.items())
+            stack.extend(_with_keys(value))
         elif isinstance(value, list):
             stack.extend((key, v) for v in value)
     return out[::-1]
+
+
+def _with_keys(obj: dict[str, Any]) -> list[tuple[str, Any]]:
+    """An object's items, each after its key as text where the key is no identifier."""
+    return [p for k, v in obj.items() for p in ((("", k), (k, v)) if not _IDENTIFIER.fullmatch(k) else ((k, v),))]
 
 
 def part_text(part: ContentPart) -> str | None:
