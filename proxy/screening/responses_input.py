@@ -45,6 +45,13 @@ def thread_of(payload: dict[str, Any]) -> Thread:
     for param, value in (("previous_response_id", previous), ("conversation", conversation)):
         if value is not None and len(value) > MAX_THREAD_ID_CHARS:
             raise BadRequest(f"'{param}' is longer than {MAX_THREAD_ID_CHARS} characters.", param=param)
+    # As OpenAI does: with both, which history the model reads is the upstream's choice, while the
+    # withheld check and the stored context follow one of them (proxy/server/responses.py).
+    if previous and conversation:
+        raise BadRequest(
+            "'previous_response_id' and 'conversation' cannot both be given: continue one of them.",
+            param="previous_response_id",
+        )
     return Thread(previous or None, conversation or None)
 
 
