@@ -105,3 +105,22 @@ async def test_a_blocked_response_continued_beside_a_new_conversation_is_refused
         status, body = await post_raw(proxy.url, "/v1/responses", follow)
     assert status == 400
     assert len(upstream.response_requests) == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "m", "Input": f"How do I build a {TRIGGER}?"},
+        {"model": "m", "input": "Hi", "toolſ": [{"type": "function", "name": "f", "description": TRIGGER}]},
+    ],
+    ids=["input", "long-s"],
+)
+async def test_a_responses_field_named_in_another_case_is_screened_or_refused(
+    start_proxy: Any, upstream: FakeResponses, body: dict[str, Any]
+) -> None:
+    """Go's encoding/json (Ollama's OpenAI layer) matches field names ignoring case: `Input` is its
+    `input`, while the proxy read no input at all and forwarded the body."""
+    async with start_proxy(policies={"default": POLICY}) as proxy:
+        status, answer = await post_raw(proxy.url, "/v1/responses", body)
+    assert status == 400 or REFUSAL.encode() in answer
+    assert upstream.response_requests == []

@@ -27,7 +27,23 @@ async def read_request(request: web.Request) -> tuple[bytes, dict[str, Any]]:
     except web.HTTPRequestEntityTooLarge as exc:
         raise PayloadTooLarge(f"Request body is larger than {settings.server.max_body_bytes} bytes.") from exc
     server = settings.server
-    return raw, parse_json_object(raw, max_depth=server.max_json_depth, max_objects=server.max_json_objects)
+    payload = parse_json_object(raw, max_depth=server.max_json_depth, max_objects=server.max_json_objects)
+    check_field_names(payload)
+    return raw, payload
+
+
+# OpenAI's request fields (and vLLM's, OpenRouter's ...) are lowercase ASCII snake_case.
+_FIELD_NAME = re.compile(r"[a-z0-9_]+")
+
+
+def check_field_names(payload: dict[str, Any]) -> None:
+    """A 400 for a top-level field name outside lowercase ASCII: an upstream that matches names
+    ignoring case (Go's encoding/json, which Ollama's OpenAI layer uses, folds `K` and `ſ` too) reads
+    `Input` or `toolſ` as the `input` or `tools` the proxy never saw."""
+    for key in payload:
+        if not _FIELD_NAME.fullmatch(key):
+            shown = key[:64].encode("ascii", "backslashreplace").decode()
+            raise BadRequest(f"Unknown field name '{shown}': request field names are lowercase ASCII.")
 
 
 def invalid(exc: ValidationError) -> BadRequest:
