@@ -124,3 +124,27 @@ async def test_a_responses_field_named_in_another_case_is_screened_or_refused(
         status, answer = await post_raw(proxy.url, "/v1/responses", body)
     assert status == 400 or REFUSAL.encode() in answer
     assert upstream.response_requests == []
+
+
+CASED_PART = {"type": "text", "Text": TRIGGER}
+CASED_INPUT = {"type": "input_text", "Text": TRIGGER}
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": [CASED_PART]}]}),
+        ("/v1/responses", {"model": "m", "input": [{"role": "user", "content": [CASED_INPUT]}]}),
+        ("/v1/responses", {"model": "m", "input": [{"type": "function_call_output", "Output": TRIGGER}]}),
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "Content": TRIGGER}]}),
+    ],
+    ids=["chat-part", "responses-part", "tool-output", "message"],
+)
+async def test_a_nested_field_named_in_another_case_is_screened_or_refused(
+    start_proxy: Any, upstream: FakeUpstream, path: str, body: dict[str, Any]
+) -> None:
+    """The same folding inside a part or an item: `Text` is a Go upstream's `text`."""
+    async with start_proxy(policies={"default": POLICY}) as proxy:
+        status, answer = await post_raw(proxy.url, path, body)
+    assert status == 400 or REFUSAL.encode() in answer
+    assert upstream.chat_requests == []
