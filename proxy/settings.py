@@ -40,6 +40,9 @@ class ServerSettings(Strict):
     max_json_objects: int = Field(
         default=20_000, ge=16, description="most JSON objects (messages, parts, items) in one request body"
     )
+    max_json_values: int = Field(
+        default=50_000, ge=16, description="most values (array entries and object members) in one request body"
+    )
     keepalive_interval_s: float = Field(default=5.0, gt=0)
     max_held_bytes: int = Field(
         default=16 * 1024 * 1024, ge=1024, description="most bytes of one upstream reply held until it is checked"

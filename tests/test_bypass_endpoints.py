@@ -251,7 +251,8 @@ async def test_many_tiny_input_items_are_refused_before_they_are_read(
     """150,000 one-letter items (600 KB) were each mapped to a chat message and validated on the event
     loop (seconds) before the route's `max_messages` refused them; the count is checked first now."""
     body = {"model": "m", "input": ["a"] * 150_000}
-    async with start_proxy(policies={"default": POLICY}) as proxy:
+    # Past server.max_json_values too: raised here so that the route's own count is what answers.
+    async with start_proxy(policies={"default": POLICY}, server={"max_json_values": 1_000_000}) as proxy:
         status, answer = await post_raw(proxy.url, "/v1/responses", body)
     assert status == 400 and b"Too many messages" in answer
     assert upstream.response_requests == []
@@ -263,7 +264,7 @@ async def test_many_tiny_moderation_inputs_are_refused_before_they_are_read(
     """As many empty strings: each was made a moderation input on the loop before the count was checked."""
     body = {"input": [""] * 150_000}
     policy = POLICY.replace("/v1/responses]", "/v1/responses, /v1/moderations]")
-    async with start_proxy(policies={"default": policy}) as proxy:
+    async with start_proxy(policies={"default": policy}, server={"max_json_values": 1_000_000}) as proxy:
         status, answer = await post_raw(proxy.url, "/v1/moderations", body)
     assert status == 400 and b"Too many inputs" in answer
 

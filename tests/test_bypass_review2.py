@@ -148,3 +148,32 @@ async def test_a_nested_field_named_in_another_case_is_screened_or_refused(
         status, answer = await post_raw(proxy.url, path, body)
     assert status == 400 or REFUSAL.encode() in answer
     assert upstream.chat_requests == []
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [[[]] * MANY, ["a"] * MANY, {f"k{i}": 1 for i in range(MANY // 2)}],
+    ids=["empty-arrays", "strings", "members"],
+)
+async def test_a_body_of_many_values_in_an_unknown_field_is_refused(
+    start_proxy: Any, upstream: FakeUpstream, extra: Any
+) -> None:
+    """Unknown fields are kept as they came and their strings read for screening, value by value: 400,000
+    empty arrays or one-letter strings (2 MB, one object) held the event loop 1-3 s. server.max_json_values
+    refuses such a body while it is parsed."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "Hi", "extra": extra}]}
+    async with start_proxy(policies={"default": POLICY}) as proxy:
+        status, answer = await post_raw(proxy.url, "/v1/chat/completions", body)
+    assert status == 400 and b"server.max_json_values" in answer
+    assert upstream.chat_requests == []
+
+
+@pytest.mark.parametrize("extra", [[[]] * 45_000, ["a"] * 45_000], ids=["empty-arrays", "strings"])
+async def test_a_body_just_under_max_json_values_does_not_stall_the_loop(
+    start_proxy: Any, upstream: FakeUpstream, extra: Any
+) -> None:
+    """Close to the default bound, reading what it lets through stays within the loop-block check."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "Hi", "extra": extra}]}
+    async with start_proxy(policies={"default": POLICY}) as proxy:
+        status, _ = await post_raw(proxy.url, "/v1/chat/completions", body)
+    assert status == 200

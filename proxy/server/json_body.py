@@ -28,8 +28,25 @@ async def read_request(request: web.Request) -> tuple[bytes, dict[str, Any]]:
         raise PayloadTooLarge(f"Request body is larger than {settings.server.max_body_bytes} bytes.") from exc
     server = settings.server
     payload = parse_json_object(raw, max_depth=server.max_json_depth, max_objects=server.max_json_objects)
+    check_values_count(raw, payload, server.max_json_values)
     check_field_names(payload)
     return raw, payload
+
+
+def check_values_count(raw: bytes, payload: dict[str, Any], max_values: int) -> None:
+    """A 400 past `max_values` array entries and object members: unknown fields are kept as they came
+    and their strings read value by value on the loop (400,000 empty arrays in 2 MB held it 2.6 s).
+    Counted only where a cheap upper bound is over: each entry but a container's first follows a `,`
+    (the byte is in every encoding json.detect_encoding accepts)."""
+    if raw.count(b",") + raw.count(b"[") + raw.count(b"{") <= max_values:
+        return
+    level: list[Any] = [payload]
+    count = 0
+    while level:
+        count += sum(map(len, level))
+        if count > max_values:
+            raise BadRequest(f"The JSON body holds more than {max_values} values (server.max_json_values).")
+        level = [c for v in level for c in (v.values() if type(v) is dict else v) if type(c) in _CONTAINERS]
 
 
 # OpenAI's request fields (and vLLM's, OpenRouter's ...) are lowercase ASCII snake_case.
