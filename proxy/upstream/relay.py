@@ -9,6 +9,7 @@ upstream connection, so the upstream stops generating.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -171,7 +172,7 @@ class OpenAIUpstream:
             return await self.session.request(
                 out.method,
                 self.base_url + out.path,
-                data=out.body if out.method != "GET" else None,
+                data=_payload(out.body) if out.method != "GET" else None,
                 headers=headers,
                 timeout=self._stream_timeout if out.stream else self._json_timeout,
                 allow_redirects=False,  # a redirect would carry the proxy's key to wherever it points
@@ -196,6 +197,14 @@ class OpenAIUpstream:
             finally:
                 # Closing (not releasing) drops the connection: an unfinished upstream generation stops.
                 resp.close()
+
+
+LARGE_BODY_BYTES = 1 << 20
+
+
+def _payload(body: bytes) -> bytes | io.BytesIO:
+    """A body over a megabyte (images inline) goes as a stream: aiohttp warns of raw bytes that size."""
+    return io.BytesIO(body) if len(body) > LARGE_BODY_BYTES else body
 
 
 def rewrite_body(raw: bytes, payload: dict[str, Any], changes: Mapping[str, Any]) -> bytes:

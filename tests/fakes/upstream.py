@@ -52,7 +52,7 @@ class FakeUpstream:
     _runner: web.AppRunner | None = None
 
     async def start(self) -> FakeUpstream:
-        app = web.Application()
+        app = web.Application(client_max_size=16 << 20)  # inline images: megabytes
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._chat)  # legacy: tests/fakes/completions.py
         app.router.add_get("/v1/models", self._models)
