@@ -12,13 +12,13 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from proxy.errors import BadRequest, ModelNotFound, UpstreamError
+from proxy.errors import ModelNotFound, UpstreamError
 from proxy.policy.models import RouteSettings
 from proxy.protocol import ChatRequest
-from proxy.screening.collect import count_limits, unscreened_parts
 from proxy.screening.pipeline import Verdict
 from proxy.server.decisions import decide_output, guard_failure, screen_input, violation
 from proxy.server.json_body import read_request
+from proxy.server.limits import check_count, check_limits
 from proxy.server.state import (
     METRICS,
     POLICIES,
@@ -68,16 +68,8 @@ async def handle(request: web.Request, wire: WireFormat) -> web.StreamResponse:
 
     upstream = request.app[UPSTREAMS][route.upstream]
     changes = {"model": route.rename_model} if route.rename_model else {}
-    out = Outgoing(
-        path=wire.upstream_path,
-        body=rewrite_body(raw, payload, changes),
-        payload=payload,
-        stream=bool(chat.stream),
-        client_headers=request.headers,
-        client_key=tenant.key,
-        request_id=record.request_id,
-        forward_headers=route.forward_headers,
-    )
+    body = rewrite_body(raw, payload, changes)
+    out = outgoing(request, route, tenant.key, wire.upstream_path, body, payload=payload, stream=bool(chat.stream))
     record.upstream = upstream.name
     call = Call(request, wire, route, chat, upstream, out, verdict, headers)
     if chat.stream:
@@ -85,26 +77,28 @@ async def handle(request: web.Request, wire: WireFormat) -> web.StreamResponse:
     return await relay_json(call)
 
 
-def check_count(route: RouteSettings | None, payload: dict[str, Any], wire: WireFormat) -> None:
-    """A list of messages, items or prompts over the route's `max_messages` is a 400 before it is read:
-    reading takes time per entry on the loop (a megabyte of one-letter items took seconds)."""
-    given = payload.get(wire.prompt_field)
-    if route is not None and isinstance(given, list) and len(given) > route.limits.max_messages:
-        raise BadRequest(f"Too many messages: {len(given)} > {route.limits.max_messages}.", param=wire.prompt_field)
-
-
-def check_limits(route: RouteSettings, chat: ChatRequest, param: str = "messages") -> list[str]:
-    """Raise a 400 past a limit (naming the wire format's `param`) or for a part the route cannot
-    screen; return the part types that go upstream unscreened because the route allows them."""
-    limits = route.limits
-    if len(chat.messages) > limits.max_messages:
-        raise BadRequest(f"Too many messages: {len(chat.messages)} > {limits.max_messages}.", param=param)
-    chars, images = count_limits(chat)
-    if chars > limits.max_characters:
-        raise BadRequest(f"Too much text: {chars} characters > {limits.max_characters}.", param=param)
-    if images > limits.max_images:
-        raise BadRequest(f"Too many images: {images} > {limits.max_images}.", param=param)
-    return unscreened_parts(chat, route.unscreened_parts)
+def outgoing(
+    request: web.Request,
+    route: RouteSettings,
+    client_key: str | None,
+    path: str,
+    body: bytes,
+    *,
+    payload: dict[str, Any] | None = None,
+    stream: bool = False,
+) -> Outgoing:
+    """The upstream request for this client request on `route` (its method, headers and request id)."""
+    return Outgoing(
+        path=path,
+        body=body,
+        payload=payload,
+        stream=stream,
+        client_headers=request.headers,
+        client_key=client_key,
+        request_id=record_of(request).request_id,
+        method=request.method,
+        forward_headers=route.forward_headers,
+    )
 
 
 async def answer_input_block(

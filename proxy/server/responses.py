@@ -28,7 +28,7 @@ from proxy.screening.refusal import is_structured
 from proxy.screening.responses_input import Thread, chat_body, thread_of
 from proxy.server.connections import read_body
 from proxy.server.decisions import decide_output
-from proxy.server.exchange import handle, read_reply, relay_unchanged, upstream_failed
+from proxy.server.exchange import handle, outgoing, read_reply, relay_unchanged, upstream_failed
 from proxy.server.json_body import invalid
 from proxy.server.response_owner import check_owner, claim
 from proxy.server.state import POLICIES, RESPONSE_STATE, TENANTS, UPSTREAMS, bind_tenant, record_of
@@ -43,7 +43,6 @@ from proxy.streaming.responses import (
     replay_response,
 )
 from proxy.streaming.shape import MalformedReply
-from proxy.upstream.relay import Outgoing
 
 THREAD = web.RequestKey("responses_thread", Thread)
 # A conversation's turns are kept under its id, apart from response ids.
@@ -215,17 +214,7 @@ async def relay_stored(request: web.Request, target: str) -> web.StreamResponse:
         )
     record.route, record.upstream = route.name, route.upstream
     await check_owner(request, response_id, shown=response_id, noun="response")
-    out = Outgoing(
-        path=target,
-        body=await read_body(request) if request.method == "POST" else b"",
-        payload=None,
-        stream=False,
-        client_headers=request.headers,
-        client_key=tenant.key,
-        request_id=record.request_id,
-        method=request.method,
-        forward_headers=route.forward_headers,
-    )
+    out = outgoing(request, route, tenant.key, target, await read_body(request) if request.method == "POST" else b"")
     headers = {"x-request-id": record.request_id, "x-guardrail-policy": policy.tag}
     try:
         async with request.app[UPSTREAMS][route.upstream].open(out) as reply:

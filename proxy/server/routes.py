@@ -15,7 +15,7 @@ from proxy.errors import BadRequest, NotFound, UnsupportedMediaType
 from proxy.server.chat import CHAT, chat_completions
 from proxy.server.completions import COMPLETIONS, completions
 from proxy.server.connections import read_body
-from proxy.server.exchange import relay_unchanged
+from proxy.server.exchange import outgoing, relay_unchanged
 from proxy.server.moderations import MODERATIONS_PATH, moderations
 from proxy.server.responses import RESPONSES, relay_stored, responses
 from proxy.server.shutdown import DRAIN
@@ -143,17 +143,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         )
     record.route, record.upstream = route.name, route.upstream
     upstream = request.app[UPSTREAMS][route.upstream]
-    out = Outgoing(
-        path=target,
-        body=raw,
-        payload=None,
-        stream=False,
-        client_headers=request.headers,
-        client_key=tenant.key,
-        request_id=record.request_id,
-        method=request.method,
-        forward_headers=route.forward_headers,
-    )
+    out = outgoing(request, route, tenant.key, target, raw)
     headers = {"x-request-id": record.request_id, "x-guardrail-policy": policy.tag, "x-guardrail-decision": "allow"}
     async with upstream.open(out) as reply:
         response = web.StreamResponse(status=reply.status, headers=headers)
