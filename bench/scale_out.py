@@ -34,18 +34,8 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+from proxy_path import GUARDED as POLICY  # noqa: E402  (Prompt Guard + Llama Guard in, Llama Guard out)
 from proxy_path import upstream_handler  # noqa: E402  (16-token replies, JSON or SSE)
-
-POLICY = """
-routes:
-  - name: chat
-    match: {path: /v1/chat/completions}
-    input:
-      - {guard: prompt_guard, threshold: 0.9}
-      - {guard: llama_guard, threshold: 0.5}
-    output:
-      - {guard: llama_guard, threshold: 0.5}
-"""
 
 
 def free_port() -> int:
