@@ -220,8 +220,16 @@ class Metrics:
         )
         self.prefix_cache_tokens = Counter(
             "guardrail_prefix_cache_tokens",
-            "Llama Guard prompt tokens read from the prefix KV cache (hit) or computed (computed)",
+            "Llama Guard prompt tokens read from the prefix KV cache (hit), computed by checks (computed) or "
+            "computed ahead of an output check while the upstream answered (prefetched)",
             ["guard", "kind"],
+            registry=r,
+        )
+        self.prefetches = Counter(
+            "guardrail_prefetch",
+            "Output-check prefetches by outcome: done, cached (nothing new), busy (guard had queued work), "
+            "stopped (the reply came first), off, failed",
+            ["guard", "outcome"],
             registry=r,
         )
         self.prefix_cache_bytes = Gauge(

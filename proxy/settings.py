@@ -146,6 +146,11 @@ class GuardSettings(Strict):
     prefix_cache_mb: float = Field(
         default=512, ge=0, description="Llama Guard: MiB of cached prompt-prefix key/values (LRU); 0 disables"
     )
+    prefetch: bool = Field(
+        default=True,
+        description="Llama Guard: while the upstream answers, compute the output check's prompt up to the reply "
+        "into the prefix cache (only when the guard is idle; needs prefix_cache_mb)",
+    )
     # Prompt Guard
     window_tokens: int = Field(default=512, ge=8, le=512)
     window_overlap_tokens: int = Field(default=128, ge=0)

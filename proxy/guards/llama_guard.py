@@ -15,6 +15,8 @@ alone, `step_tokens` per bulk job (see runner), into its own KV cache (same scor
 and a cancelled check submits no further chunk. Prompts with images always take the one-pass path.
 
 Two caches keep a turn's cost proportional to its new tokens (see prefix_cache.py, verdict_cache.py).
+`prefetch` fills the prefix cache ahead of an output check while the upstream answers
+(screening/prefetch.py).
 The jobs run in the runner's thread on the model: llama_guard_model.py (loading, encoding, verdict
 cache, plain forward passes) and llama_guard_prefill.py (prefix-cached batches, chunked prefill, the
 category continuation from a prompt's own keys/values).
@@ -67,6 +69,14 @@ class LlamaGuard:
         assert self._model is not None
         return [self._model.distribute(state) for state in states]
 
+    def _shared(self, batches: list[list[Item]]) -> list[Prompt | None]:
+        assert self._model is not None
+        return [self._model.shared_prefix(items) for items in batches]
+
+    def _warm(self, states: list[Prefill]) -> list[bool]:
+        assert self._model is not None
+        return [self._model.warm(state) for state in states]
+
     @property
     def takes_images(self) -> bool:
         """Images reach this guard's prompt (Llama Guard 4); other families read text only."""
@@ -112,6 +122,26 @@ class LlamaGuard:
             (done,) = await self.runner.submit(self._distribute, [state], key=state, bulk=long)
             if done is not None:
                 return done
+
+    async def prefetch(self, conversations: list[list[Turn]], taxonomy: Taxonomy) -> str:
+        """Compute into the prefix cache the longest token prefix the prompts of `conversations`
+        share (the conversation with placeholder replies: what an output check of any reply starts
+        with). Only when the runner has nothing queued, as bulk steps; the outcome's name."""
+        if self._model is None or not self.settings.prefetch or not self.prefix_cache.enabled:
+            return "off"
+        if any(turn.images for turns in conversations for turn in turns):
+            return "off"  # prompts with images bypass the cache
+        if self.runner.queue_depth:
+            return "busy"  # speculative work never queues ahead of, or beside, real checks
+        tenant = current_tenant.get()
+        items = [Item(tuple(turns), taxonomy, 1.0, tenant, recall=False) for turns in conversations]
+        (prompt,) = await self.runner.submit(self._shared, [items], key=(id(self), "prefetch"), bulk=True)
+        if prompt is None:
+            return "cached"
+        state = Prefill(prompt, prefetch=True)
+        while not (await self.runner.submit(self._warm, [state], key=state, bulk=True))[0]:
+            pass
+        return "done"
 
     def encode(self, turns: list[Turn], taxonomy: Taxonomy, pixels: list[Any] | None = None) -> list[int]:
         """Token ids of the prompt (tests and tools); `pixels` receives the images' tiles."""

@@ -19,7 +19,7 @@ from typing import Any
 
 from proxy.guards.guard import CategoryScores, CodeScore, ConversationScore, GuardError
 from proxy.guards.llama_guard_codes import CodeTokens, first_code_probabilities
-from proxy.guards.llama_guard_model import Model, Prompt
+from proxy.guards.llama_guard_model import Item, Model, Prompt
 from proxy.guards.llama_guard_prompt import categories_for, read_categories, read_verdict
 from proxy.guards.prefix_cache import batch_past, gather, one_sequence
 
@@ -32,6 +32,8 @@ class Prefill:
     done: int = 0
     cache: Any = field(default=None, repr=False)
     hit: int = 0
+    prefetch: bool = False
+    """A prefetch (no score): its computed tokens count as prefetched."""
 
 
 class CachedModel(Model):
@@ -136,15 +138,39 @@ class CachedModel(Model):
                 logits_to_keep=1,
                 **extra,
             )
-        state.cache, state.done = out.past_key_values, end
+        begun, state.cache, state.done = state.done, out.past_key_values, end
+        if state.prefetch:
+            # Each step's blocks at once: a check that arrives meanwhile starts from them.
+            self.prefix.insert(tenant, ids[:end], 0, [(layer.keys[0], layer.values[0]) for layer in state.cache.layers])
+            self.prefix.count_prefetched(end - begun)
+            self.prefix.trim()
         if end < len(ids):
             return None
-        if self.prefix.enabled and images is None:
+        if self.prefix.enabled and images is None and not state.prefetch:
             # From position 0: blocks of its prefix evicted between steps are put back.
             self.prefix.insert(tenant, ids, 0, [(layer.keys[0], layer.values[0]) for layer in state.cache.layers])
             self.prefix.count(state.hit, len(ids) - state.hit)
             self.prefix.trim()
         return out
+
+    def shared_prefix(self, items: list[Item]) -> Prompt | None:
+        """The longest common token prefix of the items' prompts, if the cache would gain a block
+        from it (None when it is cached already or the prompts are over `max_tokens`)."""
+        prompts = [self.encode(list(item.turns), item.taxonomy) for item in items]
+        if max(len(ids) for ids in prompts) > self.settings.token_limit:
+            return None
+        shared = prompts[0]
+        for ids in prompts[1:]:
+            n = min(len(shared), len(ids))
+            shared = shared[: next((i for i in range(n) if shared[i] != ids[i]), n)]
+        size = self.prefix.block_tokens
+        if len(shared) // size * size <= self.prefix.peek(items[0].tenant, shared, scored=False):
+            return None
+        return Prompt(items[0], shared, [])
+
+    def warm(self, state: Prefill) -> bool:
+        """The next step of a prefetch (`_feed` without a score); True once it is all cached."""
+        return self._feed(state) is not None
 
     def prefill(self, state: Prefill) -> ConversationScore | None:
         """Feed the next `step_tokens` of a long prompt into its cache (starting after its cached

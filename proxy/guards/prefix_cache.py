@@ -45,9 +45,10 @@ class PrefixCache:
         self.bytes_held = 0
         self.hit_tokens = 0
         self.computed_tokens = 0
+        self.prefetched_tokens = 0
         self.evictions = 0
         self.observe: Callable[[str, int], None] | None = None
-        """Called in the runner's thread with ("hit" | "computed" | "evicted", count)."""
+        """Called in the runner's thread with ("hit" | "computed" | "prefetched" | "evicted", count)."""
         self._roots: dict[Hashable, Block] = {}
         self._lru: collections.OrderedDict[Block, None] = collections.OrderedDict()
 
@@ -59,9 +60,9 @@ class PrefixCache:
     def blocks(self) -> int:
         return len(self._lru)
 
-    def _walk(self, namespace: Hashable, ids: Sequence[int]) -> list[Block]:
-        # The last token is always computed: its logits are the verdict.
-        usable = (len(ids) - 1) // self.block_tokens * self.block_tokens
+    def _walk(self, namespace: Hashable, ids: Sequence[int], scored: bool = True) -> list[Block]:
+        # A check's last token is always computed: its logits are the verdict.
+        usable = (len(ids) - scored) // self.block_tokens * self.block_tokens
         node = self._roots.get(namespace)
         path: list[Block] = []
         for start in range(0, usable, self.block_tokens):
@@ -72,9 +73,10 @@ class PrefixCache:
             node = child
         return path
 
-    def peek(self, namespace: Hashable, ids: Sequence[int]) -> int:
-        """Tokens of `ids` a lookup would find now (no effect on recency or counters)."""
-        return len(self._walk(namespace, ids)) * self.block_tokens
+    def peek(self, namespace: Hashable, ids: Sequence[int], *, scored: bool = True) -> int:
+        """Tokens of `ids` a lookup would find now (no effect on recency or counters). `scored`:
+        `ids` is a prompt to score, whose last token a lookup never serves (a prefetch is not)."""
+        return len(self._walk(namespace, ids, scored)) * self.block_tokens
 
     def lookup(self, namespace: Hashable, ids: Sequence[int]) -> list[Block]:
         """The blocks of the longest cached prefix (at most len(ids) - 1 tokens), marked used."""
@@ -93,6 +95,12 @@ class PrefixCache:
         if self.observe is not None:
             self.observe("hit", hit)
             self.observe("computed", computed)
+
+    def count_prefetched(self, computed: int) -> None:
+        """Tokens computed ahead of a check (screening/prefetch.py); the check counts them as hits."""
+        self.prefetched_tokens += computed
+        if self.observe is not None:
+            self.observe("prefetched", computed)
 
     def insert(self, namespace: Hashable, ids: Sequence[int], start: int, kv: KV) -> None:
         """Add the full blocks of `ids` that `kv` covers: positions start .. start + its length.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -300,10 +300,19 @@ def input_conversations(request: ChatRequest, *, include_system: bool = False) -
 
 def output_conversation(request: ChatRequest, reply: Reply, *, include_system: bool = False) -> list[Turn]:
     """The conversation plus the reply as the last Agent turn; empty when the reply has no text."""
-    text = guard_view(reply.text)
-    if not text.strip():
-        return []
-    return _merge([*conversation(request, include_system=include_system), Turn("Agent", text)])
+    return conversation_with_reply(request, [reply.text], include_system=include_system)[0]
+
+
+def conversation_with_reply(
+    request: ChatRequest, replies: Sequence[str], *, include_system: bool = False
+) -> list[list[Turn]]:
+    """`output_conversation` with each of `replies` as the reply text (the request is read once)."""
+    turns = conversation(request, include_system=include_system)
+    out = []
+    for reply in replies:
+        text = guard_view(reply)
+        out.append(_merge([*turns, Turn("Agent", text)]) if text.strip() else [])
+    return out
 
 
 def count_limits(request: ChatRequest) -> tuple[int, int]:

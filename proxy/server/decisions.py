@@ -10,6 +10,7 @@ from proxy.policy.models import RouteSettings
 from proxy.protocol import ChatRequest
 from proxy.screening.collect import Reply
 from proxy.screening.pipeline import Verdict, combine, screen, screen_replies
+from proxy.screening.prefetch import Prefetch, prefetch_output
 from proxy.server.state import GUARDS, METRICS, READINESS, SETTINGS, record_of
 
 _RANK = {"allow": 0, "flag": 1, "block": 2}
@@ -24,9 +25,28 @@ async def screen_input(request: web.Request, route: RouteSettings, chat: ChatReq
     return verdict
 
 
+def start_prefetch(request: web.Request, route: RouteSettings, chat: ChatRequest) -> Prefetch:
+    """While the upstream answers, the output guards compute what their checks will start with."""
+    if not route.output or not request.app[READINESS].ready:
+        return Prefetch([])
+    counter = request.app[METRICS].prefetches
+
+    def observe(guard: str, outcome: str) -> None:
+        counter.labels(guard, outcome).inc()
+
+    guards = request.app[GUARDS]
+    return prefetch_output(route, guards, chat, observe)
+
+
 async def screen_output(
-    request: web.Request, route: RouteSettings, chat: ChatRequest, replies: list[Reply]
+    request: web.Request,
+    route: RouteSettings,
+    chat: ChatRequest,
+    replies: list[Reply],
+    prefetch: Prefetch | None = None,
 ) -> dict[int, Verdict]:
+    if prefetch is not None:
+        prefetch.stop()  # a step already running finishes; the checks start from what it computed
     if not route.output:
         return {}
     if not request.app[READINESS].ready:
@@ -38,11 +58,16 @@ async def screen_output(
 
 
 async def decide_output(
-    request: web.Request, route: RouteSettings, chat: ChatRequest, replies: list[Reply], verdict_in: Verdict
+    request: web.Request,
+    route: RouteSettings,
+    chat: ChatRequest,
+    replies: list[Reply],
+    verdict_in: Verdict,
+    prefetch: Prefetch | None = None,
 ) -> tuple[set[int], ProxyError | None]:
     """Screen every reply choice: (indexes of blocked choices, or the error the client must get:
     503 when a guard failed and the policy blocks on that, 400 when blocked with on_block: error)."""
-    verdicts = await screen_output(request, route, chat, replies)
+    verdicts = await screen_output(request, route, chat, replies, prefetch)
     if request.app[SETTINGS].server.log_content:
         record_of(request).completion = [r.text for r in replies]
     overall = combine(verdict_in, *verdicts.values())

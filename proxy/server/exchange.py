@@ -16,7 +16,8 @@ from proxy.errors import ModelNotFound, UpstreamError
 from proxy.policy.models import RouteSettings
 from proxy.protocol import ChatRequest
 from proxy.screening.pipeline import Verdict
-from proxy.server.decisions import decide_output, guard_failure, screen_input, violation
+from proxy.screening.prefetch import Prefetch
+from proxy.server.decisions import decide_output, guard_failure, screen_input, start_prefetch, violation
 from proxy.server.json_body import read_request
 from proxy.server.limits import check_count, check_limits
 from proxy.server.state import (
@@ -71,10 +72,13 @@ async def handle(request: web.Request, wire: WireFormat) -> web.StreamResponse:
     body = rewrite_body(raw, payload, changes)
     out = outgoing(request, route, tenant.key, wire.upstream_path, body, payload=payload, stream=bool(chat.stream))
     record.upstream = upstream.name
-    call = Call(request, wire, route, chat, upstream, out, verdict, headers)
-    if chat.stream:
-        return await relay_stream(call)
-    return await relay_json(call)
+    call = Call(request, wire, route, chat, upstream, out, verdict, headers, start_prefetch(request, route, chat))
+    try:
+        if chat.stream:
+            return await relay_stream(call)
+        return await relay_json(call)
+    finally:
+        call.prefetch.stop()
 
 
 def outgoing(
@@ -131,7 +135,7 @@ async def answer_input_block(
 class Call:
     """One relayed request: what the later steps need, in one place."""
 
-    __slots__ = ("chat", "headers", "out", "request", "route", "upstream", "verdict_in", "wire")
+    __slots__ = ("chat", "headers", "out", "prefetch", "request", "route", "upstream", "verdict_in", "wire")
 
     def __init__(
         self,
@@ -143,9 +147,11 @@ class Call:
         out: Outgoing,
         verdict_in: Verdict,
         headers: dict[str, str],
+        prefetch: Prefetch,
     ) -> None:
         self.request, self.wire, self.route, self.chat = request, wire, route, chat
         self.upstream, self.out, self.verdict_in, self.headers = upstream, out, verdict_in, headers
+        self.prefetch = prefetch
 
 
 def relay_unchanged(
@@ -192,7 +198,7 @@ async def relay_json(call: Call) -> web.StreamResponse:
         # Our own words only: a validation error would quote the upstream's unscreened text.
         detail = f": {exc}" if isinstance(exc, MalformedReply) else ""
         raise UpstreamError(f"The upstream returned a malformed reply{detail}.") from exc
-    blocked, failure = await decide_output(request, route, call.chat, replies, call.verdict_in)
+    blocked, failure = await decide_output(request, route, call.chat, replies, call.verdict_in, call.prefetch)
     reply_id = reply_json.get("id") if isinstance(reply_json.get("id"), str) else None
     if failure is not None or blocked:
         await call.wire.withheld(request, call.chat, reply_id)
@@ -280,7 +286,7 @@ def reading_upstream(request: web.Request, record: Record) -> Iterator[None]:
 async def finish_stream(call: Call, held_response: HeldResponse, held: HeldStream) -> web.StreamResponse:
     request, route = call.request, call.route
     replies = held.replies()
-    blocked, failure = await decide_output(request, route, call.chat, replies, call.verdict_in)
+    blocked, failure = await decide_output(request, route, call.chat, replies, call.verdict_in, call.prefetch)
     if failure is not None or blocked:
         await call.wire.withheld(request, call.chat, held.id)
     if failure is not None:

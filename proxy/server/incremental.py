@@ -39,7 +39,7 @@ async def relay_incremental(
 
     async def check(window: int, replies: list[Reply]) -> tuple[set[int], ProxyError | None]:
         first = len(record.checks)
-        outcome = await decide_output(request, route, chat, replies, call.verdict_in)
+        outcome = await decide_output(request, route, chat, replies, call.verdict_in, call.prefetch)
         for entry in record.checks[first:]:
             entry["window"] = window
         return outcome

@@ -40,6 +40,7 @@ class FakeUpstream:
     raw_content_type: str = "application/json"
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     delay_s: float = 0.0
+    release: asyncio.Event | None = None  # when set to an Event, every chat reply waits for it first
     error_status: int = 500
     error_body: bytes = (
         b'{"error": {"message": "upstream exploded", "type": "server_error", "param": null, "code": null}}'
@@ -110,6 +111,8 @@ class FakeUpstream:
         self.got_chat.set()
         body = rec.json
         try:
+            if self.release is not None:
+                await self.release.wait()
             if self.mode == "slow":
                 await asyncio.sleep(self.delay_s)
             if self.mode == "status":

@@ -16,6 +16,8 @@ from aiohttp import web
 
 from proxy.app import build_app
 from proxy.guards.guard import GuardOverloaded
+from proxy.guards.llama_guard import LlamaGuard
+from proxy.guards.prefix_cache import BLOCK_TOKENS
 from proxy.guards.prompt_guard import PromptGuard
 from proxy.server.state import GUARDS, READINESS
 from proxy.settings import Settings
@@ -200,6 +202,45 @@ async def test_more_than_64_user_messages_are_screened(
     assert ok.choices[0].message.content == "Hello! How can I help you today?"
     assert injected.choices[0].finish_reason == "content_filter"
     assert len(upstream.chat_requests) == 1
+
+
+async def test_output_check_prefix_is_prefetched_while_the_upstream_answers(
+    tmp_path: Path, upstream: FakeUpstream, tiny: TinyModels
+) -> None:
+    """Between the input check and the reply, the output guard computes the output check's prompt up
+    to the reply; the output check then reads it from the cache. Blocked input starts none."""
+    upstream.release = asyncio.Event()
+    async with real_proxy(tmp_path, upstream, tiny) as proxy:
+        guard = proxy.app[GUARDS]["llama_guard"]
+        assert isinstance(guard, LlamaGuard)
+        cache, client = guard.prefix_cache, proxy.client()
+        for stream in (False, True):
+            before = cache.prefetched_tokens
+            question = [{"role": "user", "content": f"Where is the quiet river? ({stream})"}]
+            sent = asyncio.create_task(client.chat.completions.create(model="m", messages=question, stream=stream))
+            for _ in range(3000):  # the upstream holds its reply until the prefetch is in
+                if cache.prefetched_tokens > before:
+                    break
+                await asyncio.sleep(0.01)
+            hit = cache.hit_tokens
+            upstream.release.set()
+            reply = await sent
+            upstream.release.clear()
+            if stream:
+                assert "".join([c.choices[0].delta.content or "" async for c in reply if c.choices])  # type: ignore[union-attr]
+            else:
+                assert reply.choices[0].message.content  # type: ignore[union-attr]
+            # the output check read what was prefetched (all but its last partial block)
+            assert cache.hit_tokens - hit >= (cache.prefetched_tokens - before) // BLOCK_TOKENS * BLOCK_TOKENS > 0
+        upstream.release.set()
+        blocked = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "a bomb?"}])
+        assert blocked.choices[0].message.content == "Blocked by policy."
+        async with aiohttp.ClientSession() as http, http.get(proxy.url + "/metrics") as resp:
+            metrics = await resp.text()
+    assert 'guardrail_prefetch_total{guard="llama_guard",outcome="done"} 2.0' in metrics
+    counted = [line for line in metrics.splitlines() if line.startswith("guardrail_prefetch_total")]
+    assert len(counted) == 1  # the blocked request started none
+    assert 'guardrail_prefix_cache_tokens_total{guard="llama_guard",kind="prefetched"}' in metrics
 
 
 async def test_refused_guard_jobs_are_counted_by_reason(
