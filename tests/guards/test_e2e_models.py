@@ -216,8 +216,13 @@ async def test_output_check_prefix_is_prefetched_while_the_upstream_answers(
         cache, client = guard.prefix_cache, proxy.client()
         for stream in (False, True):
             before = cache.prefetched_tokens
-            question = [{"role": "user", "content": f"Where is the quiet river? ({stream})"}]
-            sent = asyncio.create_task(client.chat.completions.create(model="m", messages=question, stream=stream))
+            sent = asyncio.create_task(
+                client.chat.completions.create(
+                    model="m",
+                    messages=[{"role": "user", "content": f"Where is the quiet river? ({stream})"}],
+                    stream=stream,
+                )
+            )
             for _ in range(3000):  # the upstream holds its reply until the prefetch is in
                 if cache.prefetched_tokens > before:
                     break
