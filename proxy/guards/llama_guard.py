@@ -123,16 +123,21 @@ class LlamaGuard:
             if done is not None:
                 return done
 
+    @property
+    def prefetch_state(self) -> str:
+        """Whether a prefetch would run now: ready, busy (jobs are queued) or off."""
+        if self._model is None or not self.settings.prefetch or not self.prefix_cache.enabled:
+            return "off"
+        return "busy" if self.runner.queue_depth else "ready"
+
     async def prefetch(self, conversations: list[list[Turn]], taxonomy: Taxonomy) -> str:
         """Compute into the prefix cache the longest token prefix the prompts of `conversations`
         share (the conversation with placeholder replies: what an output check of any reply starts
         with). Only when the runner has nothing queued, as bulk steps; the outcome's name."""
-        if self._model is None or not self.settings.prefetch or not self.prefix_cache.enabled:
-            return "off"
         if any(turn.images for turns in conversations for turn in turns):
             return "off"  # prompts with images bypass the cache
-        if self.runner.queue_depth:
-            return "busy"  # speculative work never queues ahead of, or beside, real checks
+        if (now := self.prefetch_state) != "ready":
+            return now  # busy: speculative work never queues ahead of, or beside, real checks
         tenant = current_tenant.get()
         items = [Item(tuple(turns), taxonomy, 1.0, tenant, recall=False) for turns in conversations]
         (prompt,) = await self.runner.submit(self._shared, [items], key=(id(self), "prefetch"), bulk=True)

@@ -32,6 +32,11 @@ PLACEHOLDERS = ("a", "1", "-")
 
 
 class Prefetching(Protocol):
+    @property
+    def prefetch_state(self) -> str:
+        """ready, busy or off: a cheap test, before the request is read again."""
+        ...
+
     async def prefetch(self, conversations: list[list[Turn]], taxonomy: Taxonomy) -> str:
         """Compute what the prompts of `conversations` share into the cache; the outcome's name."""
         ...
@@ -58,12 +63,16 @@ class Prefetch:
 def prefetch_output(
     route: RouteSettings, guards: Mapping[str, Guard], request: ChatRequest, observe: Observe | None = None
 ) -> Prefetch:
-    """Start the prefetch of every output guard of `route` that can (one task each)."""
+    """Start the prefetch of every output guard of `route` that would run one now (a task each); a
+    busy guard is counted and skipped, one without prefetch skipped."""
     wanted: dict[str, Prefetching] = {}
-    for check in route.output:
-        guard = guards.get(check.guard)
-        if check.guard not in wanted and callable(getattr(guard, "prefetch", None)):
-            wanted[check.guard] = guard  # type: ignore[assignment]
+    for name in dict.fromkeys(check.guard for check in route.output):
+        guard = guards.get(name)
+        state = getattr(guard, "prefetch_state", "off")
+        if state == "ready":
+            wanted[name] = guard  # type: ignore[assignment]
+        elif state != "off" and observe is not None:
+            observe(name, state)
     tasks = [
         asyncio.create_task(_run(name, guard, route, request, observe), name=f"prefetch-{name}")
         for name, guard in wanted.items()
