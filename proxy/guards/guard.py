@@ -14,6 +14,9 @@ from typing import Literal, Protocol, runtime_checkable
 
 TextSource = Literal["user", "third_party"]
 Speaker = Literal["User", "Agent"]
+PrefetchState = Literal["ready", "busy", "off"]
+PrefetchOutcome = Literal["done", "cached", "too_long", "busy", "off", "stopped", "failed"]
+"""What became of an output-check prefetch (screening/prefetch.py)."""
 
 
 class GuardError(Exception):

@@ -26,12 +26,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.guards.guard import CategoryScores, ConversationScore, GuardError, Taxonomy, Turn
+from proxy.guards.guard import (
+    CategoryScores,
+    ConversationScore,
+    GuardError,
+    PrefetchOutcome,
+    PrefetchState,
+    Taxonomy,
+    Turn,
+)
 from proxy.guards.llama_guard_model import Item, Prompt, Remembered
 from proxy.guards.llama_guard_prefill import CachedModel, Prefill
 from proxy.guards.llama_guard_prompt import FAMILIES
 from proxy.guards.prefix_cache import PrefixCache
-from proxy.guards.runner import GuardRunner, current_tenant
+from proxy.guards.runner import GuardRunner, RunnerBusy, current_tenant
 from proxy.guards.verdict_cache import VerdictCache
 from proxy.settings import GuardSettings
 
@@ -47,6 +55,7 @@ class LlamaGuard:
         self.prefix_cache = PrefixCache(int(settings.prefix_cache_mb * 2**20))
         self.verdicts: VerdictCache[Remembered] = VerdictCache(settings.verdict_cache_entries)
         self._model: CachedModel | None = None
+        self._prefetching = False
 
     async def load(self) -> None:
         self._model = await self.runner.call(
@@ -69,13 +78,13 @@ class LlamaGuard:
         assert self._model is not None
         return [self._model.distribute(state) for state in states]
 
-    def _shared(self, batches: list[list[Item]]) -> list[Prompt | None]:
+    def _plan_prefetch(self, batches: list[list[Item]]) -> list[Prompt | PrefetchOutcome]:
         assert self._model is not None
-        return [self._model.shared_prefix(items) for items in batches]
+        return [self._model.plan_prefetch(items) for items in batches]
 
-    def _warm(self, states: list[Prefill]) -> list[bool]:
+    def _prefetch_step(self, states: list[Prefill]) -> list[bool]:
         assert self._model is not None
-        return [self._model.warm(state) for state in states]
+        return [self._model.prefetch_step(state) for state in states]
 
     @property
     def takes_images(self) -> bool:
@@ -124,29 +133,36 @@ class LlamaGuard:
                 return done
 
     @property
-    def prefetch_state(self) -> str:
-        """Whether a prefetch would run now: ready, busy (jobs are queued) or off."""
+    def prefetch_state(self) -> PrefetchState:
+        """Whether a prefetch would run now: ready, busy (one runs, or checks wait) or off."""
         if self._model is None or not self.settings.prefetch or not self.prefix_cache.enabled:
             return "off"
-        return "busy" if self.runner.queue_depth else "ready"
+        return "busy" if self._prefetching or self.runner.waiting else "ready"
 
-    async def prefetch(self, conversations: list[list[Turn]], taxonomy: Taxonomy) -> str:
+    async def prefetch(self, conversations: list[list[Turn]], taxonomy: Taxonomy) -> PrefetchOutcome:
         """Compute into the prefix cache the longest token prefix the prompts of `conversations`
         share (the conversation with placeholder replies: what an output check of any reply starts
-        with). Only when the runner has nothing queued, as bulk steps; the outcome's name."""
-        if any(turn.images for turns in conversations for turn in turns):
+        with), as idle runner jobs: it gives way as soon as a check waits, keeping what its steps
+        computed. One at a time per guard."""
+        if self.takes_images and any(turn.images for turns in conversations for turn in turns):
             return "off"  # prompts with images bypass the cache
         if (now := self.prefetch_state) != "ready":
-            return now  # busy: speculative work never queues ahead of, or beside, real checks
-        tenant = current_tenant.get()
-        items = [Item(tuple(turns), taxonomy, 1.0, tenant, recall=False) for turns in conversations]
-        (prompt,) = await self.runner.submit(self._shared, [items], key=(id(self), "prefetch"), bulk=True)
-        if prompt is None:
-            return "cached"
-        state = Prefill(prompt, prefetch=True)
-        while not (await self.runner.submit(self._warm, [state], key=state, bulk=True))[0]:
-            pass
-        return "done"
+            return now
+        self._prefetching = True
+        try:
+            tenant = current_tenant.get()
+            items = [Item(tuple(turns), taxonomy, 1.0, tenant, recall=False) for turns in conversations]
+            (planned,) = await self.runner.submit(self._plan_prefetch, [items], key=object(), idle=True)
+            if isinstance(planned, str):
+                return planned
+            state = Prefill(planned, prefetch=True)
+            while not (await self.runner.submit(self._prefetch_step, [state], key=state, idle=True))[0]:
+                pass
+            return "done"
+        except RunnerBusy:
+            return "busy"
+        finally:
+            self._prefetching = False
 
     def encode(self, turns: list[Turn], taxonomy: Taxonomy, pixels: list[Any] | None = None) -> list[int]:
         """Token ids of the prompt (tests and tools); `pixels` receives the images' tiles."""

@@ -17,7 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.guards.guard import CategoryScores, CodeScore, ConversationScore, GuardError
+from proxy.guards.guard import (
+    CategoryScores,
+    CodeScore,
+    ConversationScore,
+    GuardError,
+    PrefetchOutcome,
+    tokens_at_least,
+)
 from proxy.guards.llama_guard_codes import CodeTokens, first_code_probabilities
 from proxy.guards.llama_guard_model import Item, Model, Prompt
 from proxy.guards.llama_guard_prompt import categories_for, read_categories, read_verdict
@@ -153,22 +160,25 @@ class CachedModel(Model):
             self.prefix.trim()
         return out
 
-    def shared_prefix(self, items: list[Item]) -> Prompt | None:
+    def plan_prefetch(self, items: list[Item]) -> Prompt | PrefetchOutcome:
         """The longest common token prefix of the items' prompts, if the cache would gain a block
-        from it (None when it is cached already or the prompts are over `max_tokens`)."""
-        prompts = [self.encode(list(item.turns), item.taxonomy) for item in items]
-        if max(len(ids) for ids in prompts) > self.settings.token_limit:
-            return None
-        shared = prompts[0]
-        for ids in prompts[1:]:
+        from it: else "cached", or "too_long" past `max_tokens` (its check will fail anyway)."""
+        limit = self.settings.token_limit
+        if tokens_at_least(self._count, "\n".join(turn.text for turn in items[0].turns), limit) is not None:
+            return "too_long"
+        shared = self.encode(list(items[0].turns), items[0].taxonomy)
+        if len(shared) > limit:
+            return "too_long"
+        for item in items[1:]:
+            ids = self.encode(list(item.turns), item.taxonomy)
             n = min(len(shared), len(ids))
             shared = shared[: next((i for i in range(n) if shared[i] != ids[i]), n)]
         size = self.prefix.block_tokens
         if len(shared) // size * size <= self.prefix.peek(items[0].tenant, shared, scored=False):
-            return None
+            return "cached"
         return Prompt(items[0], shared, [])
 
-    def warm(self, state: Prefill) -> bool:
+    def prefetch_step(self, state: Prefill) -> bool:
         """The next step of a prefetch (`_feed` without a score); True once it is all cached."""
         return self._feed(state) is not None
 

@@ -8,9 +8,11 @@ only wait). Jobs run in arrival order, except
 that long work is submitted by its owner as a sequence of `bulk` steps (Prompt Guard windows in
 pieces of `forward_batch`, Llama Guard prefill in chunks): a bulk step runs only when no ordinary job
 waits, or once it has waited `BULK_MAX_WAIT_S` (so long checks still progress under load). A short
-check thus waits for at most the one step already running. Isolation: if a merged call raises, each
-of its jobs is re-run alone so only the culprit fails; one tenant's waiting jobs may hold at most
-`tenant_queue_share` of the queue.
+check thus waits for at most the one step already running. `idle` jobs (speculative work: the
+output-check prefetch) run only when nothing else waits, never age past other jobs, and are refused
+(`RunnerBusy`) when anything else is queued; they do not count towards the queue's bounds. Isolation:
+if a merged call raises, each of its jobs is re-run alone so only the culprit fails; one tenant's
+waiting jobs may hold at most `tenant_queue_share` of the queue.
 """
 
 from __future__ import annotations
@@ -51,8 +53,13 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     tenant: str | None = None
     bulk: bool = False
+    idle: bool = False
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+
+
+class RunnerBusy(GuardError):
+    """An idle job was offered while other jobs wait."""
 
 
 class GuardRunner:
@@ -103,11 +110,23 @@ class GuardRunner:
         result = await self.submit(lambda items: [fn()], [None], key=("call", id(fn)))
         return result[0]
 
+    @property
+    def waiting(self) -> bool:
+        """Whether any job other than idle work waits (read on the event loop, without the lock)."""
+        return any(not (job.idle or job.cancelled) for job in list(self._queue))
+
     async def submit(
-        self, fn: Callable[[list[I]], list[O]], items: list[I], *, key: Hashable = None, bulk: bool = False
+        self,
+        fn: Callable[[list[I]], list[O]],
+        items: list[I],
+        *,
+        key: Hashable = None,
+        bulk: bool = False,
+        idle: bool = False,
     ) -> list[O]:
         """Queue `items` for `fn` and wait for its results (one per item, in order). `bulk`: one
-        step of a long check, which yields to ordinary jobs (give such steps a key of their own)."""
+        step of a long check, which yields to ordinary jobs (give such steps a key of their own).
+        `idle`: speculative work, run only when nothing else waits (RunnerBusy if something does)."""
         if not items:
             return []
         loop = asyncio.get_running_loop()
@@ -120,14 +139,20 @@ class GuardRunner:
             loop=loop,
             tenant=tenant,
             bulk=bulk,
+            idle=idle,
         )
         with self._cond:
             if self._stopping:
                 raise GuardError(f"guard runner {self.device} is stopped")
-            if len(self._queue) >= self.max_queue:
+            if idle:  # outside the queue's bounds: a guard has at most one idle job at a time
+                if self.waiting:
+                    raise RunnerBusy(f"guard runner {self.device} has queued work")
+            elif sum(not j.idle for j in self._queue) >= self.max_queue:
                 self._reject("full")
                 raise GuardOverloaded(f"guard queue on {self.device} is full ({self.max_queue} jobs)")
-            if tenant is not None and sum(j.tenant == tenant for j in self._queue) >= self.tenant_queue_limit:
+            elif tenant is not None and sum(j.tenant == tenant and not j.idle for j in self._queue) >= (
+                self.tenant_queue_limit
+            ):
                 self._reject("tenant_share")
                 raise GuardOverloaded(
                     f"tenant {tenant!r} holds its share of the guard queue on {self.device} "
@@ -168,7 +193,7 @@ class GuardRunner:
                     batch.append(job)
                     size += len(job.items)
             remaining = first.enqueued + self.max_wait_s - time.monotonic()
-            if size < self.max_batch and remaining > 0 and not first.bulk and not self._stopping:
+            if size < self.max_batch and remaining > 0 and not (first.bulk or first.idle) and not self._stopping:
                 self._cond.wait(remaining)
                 continue
             for job in batch:
@@ -176,18 +201,22 @@ class GuardRunner:
             return batch
 
     def _next(self) -> _Job | None:
-        """The oldest ordinary job, unless the oldest bulk step has waited its turn long enough."""
+        """The oldest ordinary job, unless the oldest bulk step has waited its turn long enough; an
+        idle job only when neither waits."""
         bulk: _Job | None = None
+        idle: _Job | None = None
         for job in self._queue:
             if job.cancelled:
                 continue
-            if not job.bulk:
+            if job.idle:
+                idle = idle or job
+            elif not job.bulk:
                 if bulk is not None and time.monotonic() - bulk.enqueued >= BULK_MAX_WAIT_S:
                     return bulk
                 return job
-            if bulk is None:
+            elif bulk is None:
                 bulk = job
-        return bulk
+        return bulk or idle
 
     def _work(self) -> None:
         if self.device == "cpu" or self.threads:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.errors import GuardUnavailable, NotReady, PolicyViolation, ProxyError, ReplyTooLongToScreen, TooLargeToScreen
+from proxy.guards.guard import PrefetchOutcome
 from proxy.policy.models import RouteSettings
 from proxy.protocol import ChatRequest
 from proxy.screening.collect import Reply
@@ -28,10 +29,10 @@ async def screen_input(request: web.Request, route: RouteSettings, chat: ChatReq
 def start_prefetch(request: web.Request, route: RouteSettings, chat: ChatRequest) -> Prefetch:
     """While the upstream answers, the output guards compute what their checks will start with."""
     if not route.output or not request.app[READINESS].ready:
-        return Prefetch([])
+        return Prefetch()
     counter = request.app[METRICS].prefetches
 
-    def observe(guard: str, outcome: str) -> None:
+    def observe(guard: str, outcome: PrefetchOutcome) -> None:
         counter.labels(guard, outcome).inc()
 
     guards = request.app[GUARDS]

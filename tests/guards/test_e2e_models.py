@@ -19,7 +19,7 @@ from proxy.guards.guard import GuardOverloaded
 from proxy.guards.llama_guard import LlamaGuard
 from proxy.guards.prefix_cache import BLOCK_TOKENS
 from proxy.guards.prompt_guard import PromptGuard
-from proxy.server.state import GUARDS, READINESS
+from proxy.server.state import GUARDS, METRICS, READINESS
 from proxy.settings import Settings
 from tests.conftest import Proxy, make_settings, write_policies
 from tests.fakes.upstream import FakeUpstream
@@ -204,6 +204,13 @@ async def test_more_than_64_user_messages_are_screened(
     assert len(upstream.chat_requests) == 1
 
 
+def prefetches(proxy: Proxy, outcome: str) -> float:
+    found = proxy.app[METRICS].registry.get_sample_value(
+        "guardrail_prefetch_total", {"guard": "llama_guard", "outcome": outcome}
+    )
+    return found or 0.0
+
+
 async def test_output_check_prefix_is_prefetched_while_the_upstream_answers(
     tmp_path: Path, upstream: FakeUpstream, tiny: TinyModels
 ) -> None:
@@ -214,7 +221,7 @@ async def test_output_check_prefix_is_prefetched_while_the_upstream_answers(
         guard = proxy.app[GUARDS]["llama_guard"]
         assert isinstance(guard, LlamaGuard)
         cache, client = guard.prefix_cache, proxy.client()
-        for stream in (False, True):
+        for n, stream in enumerate((False, True), 1):
             before = cache.prefetched_tokens
             sent = asyncio.create_task(
                 client.chat.completions.create(
@@ -223,8 +230,8 @@ async def test_output_check_prefix_is_prefetched_while_the_upstream_answers(
                     stream=stream,
                 )
             )
-            for _ in range(3000):  # the upstream holds its reply until the prefetch is in
-                if cache.prefetched_tokens > before:
+            for _ in range(3000):  # the upstream holds its reply until the prefetch is done
+                if prefetches(proxy, "done") == n:
                     break
                 await asyncio.sleep(0.01)
             hit = cache.hit_tokens
@@ -246,6 +253,48 @@ async def test_output_check_prefix_is_prefetched_while_the_upstream_answers(
     counted = [line for line in metrics.splitlines() if line.startswith("guardrail_prefetch_total")]
     assert len(counted) == 1  # the blocked request started none
     assert 'guardrail_prefix_cache_tokens_total{guard="llama_guard",kind="prefetched"}' in metrics
+
+
+OUTPUT_ONLY = """
+routes:
+  - name: chat
+    match: {path: /v1/chat/completions}
+    output:
+      - {guard: llama_guard, threshold: 0.5}
+"""
+
+
+async def test_a_prefetch_waiting_when_the_upstream_fails_is_stopped(
+    tmp_path: Path, upstream: FakeUpstream, tiny: TinyModels
+) -> None:
+    upstream.mode = "status"  # a 500, relayed: no output check runs, so only the request's end stops it
+    started, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        started.set()
+        release.wait(30)
+
+    async with real_proxy(tmp_path, upstream, tiny, policy=OUTPUT_ONLY) as proxy:
+        guard = proxy.app[GUARDS]["llama_guard"]
+        assert isinstance(guard, LlamaGuard)
+        busy = asyncio.create_task(guard.runner.call(hold))  # the worker is busy: the prefetch's job waits
+        try:
+            assert await asyncio.to_thread(started.wait, 30)
+            with pytest.raises(openai.InternalServerError):
+                await proxy.client().chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "hi"}]
+                )
+            for _ in range(3000):
+                if prefetches(proxy, "stopped"):
+                    break
+                await asyncio.sleep(0.01)
+            assert prefetches(proxy, "stopped") == 1
+            assert not [t for t in asyncio.all_tasks() if t.get_name() == "prefetch"]
+        finally:
+            release.set()
+            await busy
+        await guard.runner.call(lambda: None)
+        assert guard.prefix_cache.prefetched_tokens == 0  # its job was dropped before it ran
 
 
 async def test_refused_guard_jobs_are_counted_by_reason(

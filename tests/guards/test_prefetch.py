@@ -5,6 +5,7 @@ could not know (the reply, the closing instructions); a prefetch never queues be
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from proxy.guards.guard import Taxonomy, Turn
 from proxy.guards.llama_guard import LlamaGuard
 from proxy.guards.prefix_cache import BLOCK_TOKENS
-from proxy.guards.runner import GuardRunner
+from proxy.guards.runner import GuardRunner, current_tenant
 from proxy.screening.prefetch import PLACEHOLDERS
 from tests.guards.test_prefix_cache import CHAT, TAXONOMIES, assert_same, options, pair
 
@@ -65,7 +66,7 @@ async def test_output_check_after_prefetch_is_exact_and_computes_only_past_the_c
     assert outcomes.count("done") >= 6
 
 
-async def test_long_prefetch_runs_in_bulk_steps_that_each_feed_the_cache(models: dict[str, Path]) -> None:
+async def test_long_prefetch_runs_in_steps_that_each_feed_the_cache(models: dict[str, Path]) -> None:
     runner = GuardRunner("cpu", max_wait_ms=0)
     try:
         cached, plain = await pair(models["random3"], runner, "llama-guard-3-1b", step_tokens=64, **options("random3"))
@@ -77,13 +78,46 @@ async def test_long_prefetch_runs_in_bulk_steps_that_each_feed_the_cache(models:
         a = await cached.score_conversation([*turns, reply], Taxonomy())
         assert_same(a, await plain.score_conversation([*turns, reply], Taxonomy()))
         assert cached.prefix_cache.computed_tokens < 100  # the reply and the closing instructions
+
+        other = [Turn("User", "Another story, please. " + LONG)]
+        ids = cached.encode(with_placeholders(other)[0], Taxonomy())
+        start = cached.prefix_cache.prefetched_tokens
+        prefetch = asyncio.create_task(cached.prefetch(with_placeholders(other), Taxonomy()))
+        for _ in range(3000):
+            if cached.prefix_cache.prefetched_tokens > start:
+                break
+            await asyncio.sleep(0.01)
+        prefetch.cancel()  # the reply came: the steps already run stay cached
+        with contextlib.suppress(asyncio.CancelledError):
+            await prefetch
+        assert cached.prefix_cache.peek(None, ids) >= 64
     finally:
         await runner.stop()
 
 
-async def test_prefetch_gives_way_to_queued_work_and_stops_before_it_starts(
-    models: dict[str, Path],
-) -> None:
+async def test_prefetch_is_per_tenant(models: dict[str, Path], runner: GuardRunner) -> None:
+    guard, _ = await pair(models["random3"], runner, "llama-guard-3-1b", **options("random3"))
+    turns, reply = CHAT[:1], CHAT[1]
+    token = current_tenant.set("tenant-a")
+    try:
+        assert await guard.prefetch(with_placeholders(turns), Taxonomy()) == "done"
+    finally:
+        current_tenant.reset(token)
+    token = current_tenant.set("tenant-b")
+    try:
+        await guard.score_conversation([*turns, reply], Taxonomy())
+    finally:
+        current_tenant.reset(token)
+    assert guard.prefix_cache.hit_tokens == 0  # tenant b computed every token itself
+    token = current_tenant.set("tenant-a")
+    try:
+        await guard.score_conversation([*turns, reply], Taxonomy())
+    finally:
+        current_tenant.reset(token)
+    assert guard.prefix_cache.hit_tokens > 100  # tenant a read its own prefetch
+
+
+async def test_prefetch_gives_way_to_checks_and_stops_before_it_starts(models: dict[str, Path]) -> None:
     runner = GuardRunner("cpu", max_wait_ms=0)
     started, release = threading.Event(), threading.Event()
 
@@ -112,6 +146,7 @@ async def test_prefetch_gives_way_to_queued_work_and_stops_before_it_starts(
         busy = await holding()
         waiting = asyncio.create_task(runner.call(lambda: None))  # a check waits behind it
         await queued(1)
+        assert guard.prefetch_state == "busy"
         assert await guard.prefetch(conversations, Taxonomy()) == "busy"
         assert runner.queue_depth == 1  # it queued nothing
         release.set()
@@ -120,14 +155,28 @@ async def test_prefetch_gives_way_to_queued_work_and_stops_before_it_starts(
         busy = await holding()
         prefetch = asyncio.create_task(guard.prefetch(conversations, Taxonomy()))
         await queued(1)  # its first job waits: the worker is busy
+        assert guard.prefetch_state == "busy"  # one at a time
+        seen: list[int] = []
+        check = asyncio.create_task(runner.call(lambda: seen.append(guard.prefix_cache.prefetched_tokens)))
+        await queued(2)
+        release.set()  # the check goes first, though the prefetch queued before it
+        await asyncio.gather(busy, check)
+        assert seen == [0]
+        assert await prefetch == "done"
+
+        busy = await holding()
+        prefetch = asyncio.create_task(guard.prefetch(with_placeholders(CHAT[:3]), Taxonomy()))
+        await queued(1)
         prefetch.cancel()  # the reply came first
         await queued(0)
         release.set()
         await busy
         with pytest.raises(asyncio.CancelledError):
             await prefetch
+        before = guard.prefix_cache.prefetched_tokens
         await runner.call(lambda: None)
-        assert guard.prefix_cache.prefetched_tokens == 0  # the dropped job never ran
+        assert guard.prefix_cache.prefetched_tokens == before  # the dropped job never ran
+        assert str(guard.prefetch_state) == "ready"  # mypy narrowed it to "busy" above
     finally:
         release.set()
         await runner.stop()

@@ -15,9 +15,10 @@ from typing import Any, TypeVar
 import openai
 import pytest
 
+from proxy.guards import runner as runner_module
 from proxy.guards.guard import GuardError, GuardOverloaded, ScreenText, Taxonomy, TextScore, Turn
 from proxy.guards.prompt_guard import PromptGuard
-from proxy.guards.runner import GuardRunner, current_tenant
+from proxy.guards.runner import GuardRunner, RunnerBusy, current_tenant
 from tests.fakes.guards import ScriptedConversationGuard
 from tests.guards.conftest import load_llama_guard, load_prompt_guard
 from tests.guards.model_fixtures import TinyModels
@@ -119,6 +120,48 @@ async def test_bulk_steps_yield_to_ordinary_jobs() -> None:
     finally:
         await runner.stop()
     assert order == ["short", "bulk"]
+
+
+async def test_idle_jobs_run_last_never_age_and_are_refused_while_others_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Speculative work (the output-check prefetch) never runs before, and never queues beside, a
+    waiting job, however long it waited; it is outside the queue's bound."""
+    monkeypatch.setattr(runner_module, "BULK_MAX_WAIT_S", 0.0)  # a bulk step would now go first
+    runner = GuardRunner("cpu", max_batch=1, max_wait_ms=0, max_queue=1)
+    started, gate = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def blocker(items: list[str]) -> list[str]:
+        started.set()
+        gate.wait(5)
+        return items
+
+    def record(items: list[str]) -> list[str]:
+        order.extend(items)
+        return items
+
+    async def queued(depth: int) -> None:
+        for _ in range(500):
+            if runner.queue_depth == depth:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"queue depth {runner.queue_depth}, not {depth}")
+
+    try:
+        running = asyncio.create_task(runner.submit(blocker, ["running"]))
+        assert await asyncio.to_thread(started.wait, 5)  # the worker runs it
+        idle = asyncio.create_task(runner.submit(record, ["idle"], key=object(), idle=True))
+        await queued(1)
+        short = asyncio.create_task(runner.submit(record, ["short"]))  # max_queue 1: the idle job is not counted
+        await queued(2)
+        with pytest.raises(RunnerBusy):
+            await runner.submit(record, ["refused"], key=object(), idle=True)
+        gate.set()
+        await asyncio.gather(running, idle, short)
+    finally:
+        await runner.stop()
+    assert order == ["short", "idle"]
 
 
 async def as_tenant(tenant: str, work: Callable[[], Awaitable[T]]) -> T:
