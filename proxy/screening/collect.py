@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -300,19 +300,13 @@ def input_conversations(request: ChatRequest, *, include_system: bool = False) -
 
 def output_conversation(request: ChatRequest, reply: Reply, *, include_system: bool = False) -> list[Turn]:
     """The conversation plus the reply as the last Agent turn; empty when the reply has no text."""
-    return conversation_with_reply(request, [reply.text], include_system=include_system)[0]
+    return with_reply(conversation(request, include_system=include_system), reply.text)
 
 
-def conversation_with_reply(
-    request: ChatRequest, replies: Sequence[str], *, include_system: bool = False
-) -> list[list[Turn]]:
-    """`output_conversation` with each of `replies` as the reply text (the request is read once)."""
-    turns = conversation(request, include_system=include_system)
-    out = []
-    for reply in replies:
-        text = guard_view(reply)
-        out.append(_merge([*turns, Turn("Agent", text)]) if text.strip() else [])
-    return out
+def with_reply(turns: list[Turn], reply: str) -> list[Turn]:
+    """`turns` (a `conversation`) plus `reply` as the last Agent turn; empty when it has no text."""
+    text = guard_view(reply)
+    return _merge([*turns, Turn("Agent", text)]) if text.strip() else []
 
 
 def count_limits(request: ChatRequest) -> tuple[int, int]:

@@ -1,20 +1,22 @@
 """Prefetch: while the upstream writes its reply, each output Llama Guard computes the start of the
-prompt its output check will read (the policy header for the Agent role and the conversation up to
-the reply) into its prefix cache, so the check that follows the reply computes only the reply and
+prompt its output check will read into its prefix cache: the policy header for the Agent role and the
+conversation up to the reply and, while a held stream comes in, the reply so far. The check that
+follows the reply then computes only what the prefetch could not know: the reply's last words and
 the closing instructions.
 
 Speculative and harmless. The prefix cache matches exact token ids, so a wrong guess costs only its
-compute, never a score: the guard takes the longest common token prefix of the prompts of the
-conversation with a few placeholder replies (so tokenization at the reply's start cannot differ).
+compute, never a score: the guard takes the longest common token prefix of the prompts with a few
+placeholders after the text known so far (so tokenization where the text goes on cannot differ).
 It runs as idle runner jobs (only when no check waits; it gives way to the first one that does,
-keeping what its steps computed), one at a time per guard, and it stops when the reply arrives or
-the request ends. Requests with images are not prefetched (reading them again costs the loop).
+keeping what its steps computed), one at a time per guard and per request, and it stops when the
+reply is complete or the request ends. Requests with images are not prefetched (reading them again
+costs the loop).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import structlog
@@ -22,13 +24,15 @@ import structlog
 from proxy.guards.guard import Guard, PrefetchOutcome, PrefetchState, Taxonomy, Turn
 from proxy.policy.models import RouteSettings
 from proxy.protocol import ChatRequest
-from proxy.screening.collect import conversation_with_reply, count_limits
+from proxy.screening.collect import conversation, count_limits, with_reply
 from proxy.screening.pipeline import OFF_LOOP_CHARS
 
 log = structlog.get_logger("proxy.screening")
 
 PLACEHOLDERS = ("a", "1", "-")
-"""Replies that start with a letter, a digit and a sign: tokenizers split before each differently."""
+"""Text that starts with a letter, a digit and a sign: tokenizers split before each differently."""
+STREAM_STEP_EVENTS = 24
+"""A held stream's prefetch goes further each time this many more events came (about 24 tokens)."""
 
 
 class Prefetching(Protocol):
@@ -49,65 +53,97 @@ class Observe(Protocol):
 
 
 class Prefetch:
-    """The prefetch of one request (no task: nothing to prefetch)."""
+    """One request's prefetch: the conversation before the reply, then the reply as it comes."""
 
-    def __init__(self, task: asyncio.Task[None] | None = None) -> None:
-        self.task = task
+    def __init__(
+        self,
+        guards: Mapping[str, Prefetching] | None = None,
+        route: RouteSettings | None = None,
+        chat: ChatRequest | None = None,
+        observe: Observe | None = None,
+    ) -> None:
+        self._guards = dict(guards or {})
+        self._route, self._chat, self._observe = route, chat, observe
+        self._turns: list[Turn] | None = None  # the conversation, read once
+        self._next_at = STREAM_STEP_EVENTS
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self, reply: str = "") -> None:
+        """Prefetch the output check's prompt up to `reply` (the reply's text so far) for each guard
+        that is ready, unless this request's prefetch still runs."""
+        if not self._guards or (self.task is not None and not self.task.done()):
+            return
+        assert self._route is not None and self._chat is not None and self._observe is not None
+        ready: dict[str, Prefetching] = {}
+        for name, guard in self._guards.items():
+            if (state := guard.prefetch_state) == "ready":
+                ready[name] = guard
+            elif state == "busy":
+                self._observe(name, "busy")
+        if not ready:
+            return
+        self.task = asyncio.create_task(self._run(ready, reply), name="prefetch")
+        observe = self._observe
+
+        def stopped(done: asyncio.Task[None]) -> None:
+            if done.cancelled():  # before it began, or between steps: each guard not yet counted
+                for name in ready:
+                    observe(name, "stopped")
+
+        self.task.add_done_callback(stopped)
+
+    def grew(self, events: int, reply: Callable[[], str]) -> None:
+        """A held stream has read `events`: every STREAM_STEP_EVENTS, prefetch the reply so far
+        (once this request's prefetch is done; until then each new event asks again)."""
+        if events < self._next_at or not self._guards or (self.task is not None and not self.task.done()):
+            return
+        self._next_at = events + STREAM_STEP_EVENTS
+        self.start(reply())
 
     def stop(self) -> None:
-        """The reply is here (or the request is over): drop what has not started."""
+        """The reply is complete (or the request is over): drop what has not started."""
+        self._guards = {}
         if self.task is not None:
             self.task.cancel()
+
+    async def _run(self, guards: dict[str, Prefetching], reply: str) -> None:
+        assert self._route is not None and self._chat is not None and self._observe is not None
+        route, chat = self._route, self._chat
+        if self._turns is None:
+            if count_limits(chat)[0] > OFF_LOOP_CHARS:
+                self._turns = await asyncio.to_thread(conversation, chat, include_system=route.screen_system)
+            else:
+                self._turns = conversation(chat, include_system=route.screen_system)
+        turns = self._turns
+        if len(reply) > OFF_LOOP_CHARS:
+            conversations = await asyncio.to_thread(lambda: [with_reply(turns, reply + p) for p in PLACEHOLDERS])
+        else:
+            conversations = [with_reply(turns, reply + p) for p in PLACEHOLDERS]
+        taxonomy, observe = route.taxonomy(), self._observe
+
+        async def one(name: str, guard: Prefetching) -> None:
+            try:
+                outcome = await guard.prefetch(conversations, taxonomy)
+            except Exception:  # speculative work never fails a request; its check will say what is wrong
+                log.warning("prefetch_failed", guard=name, exc_info=True)
+                outcome = "failed"
+            guards.pop(name)  # counted: a later stop counts only the others
+            observe(name, outcome)
+
+        await asyncio.gather(*(one(name, guard) for name, guard in list(guards.items())))
 
 
 def prefetch_output(
     route: RouteSettings, guards: Mapping[str, Guard], request: ChatRequest, observe: Observe
 ) -> Prefetch:
-    """Start the prefetch of every output guard of `route` that would run one now; a busy guard is
-    counted and skipped, one without prefetch skipped."""
-    ready: dict[str, Prefetching] = {}
+    """The prefetch of every output guard of `route` that has one, started for the conversation."""
+    found: dict[str, Prefetching] = {}
     for name in dict.fromkeys(check.guard for check in route.output):
-        state = getattr(guards.get(name), "prefetch_state", "off")
-        if state == "ready":
-            ready[name] = guards[name]  # type: ignore[assignment]
-        elif state == "busy":
-            observe(name, "busy")
-    if not ready:
-        return Prefetch()
+        if getattr(guards.get(name), "prefetch_state", "off") != "off":
+            found[name] = guards[name]  # type: ignore[assignment]
     chat = request.for_choice(0)
-    chars, images = count_limits(chat)
-    if images:
+    if not found or count_limits(chat)[1]:
         return Prefetch()
-    task = asyncio.create_task(_run(ready, route, chat, chars > OFF_LOOP_CHARS, observe), name="prefetch")
-
-    def stopped(done: asyncio.Task[None]) -> None:
-        if done.cancelled():  # before it began, or between steps: each guard not yet counted
-            for name in ready:
-                observe(name, "stopped")
-
-    task.add_done_callback(stopped)
-    return Prefetch(task)
-
-
-async def _run(
-    guards: dict[str, Prefetching], route: RouteSettings, chat: ChatRequest, large: bool, observe: Observe
-) -> None:
-    system = route.screen_system
-    if large:
-        conversations = await asyncio.to_thread(conversation_with_reply, chat, PLACEHOLDERS, include_system=system)
-    else:
-        conversations = conversation_with_reply(chat, PLACEHOLDERS, include_system=system)
-    if not conversations[0]:
-        return
-    taxonomy = route.taxonomy()
-
-    async def one(name: str, guard: Prefetching) -> None:
-        try:
-            outcome = await guard.prefetch(conversations, taxonomy)
-        except Exception:  # speculative work never fails a request; its check will say what is wrong
-            log.warning("prefetch_failed", guard=name, exc_info=True)
-            outcome = "failed"
-        guards.pop(name)  # counted: a later stop counts only the others
-        observe(name, outcome)
-
-    await asyncio.gather(*(one(name, guard) for name, guard in list(guards.items())))
+    prefetch = Prefetch(found, route, chat, observe)
+    prefetch.start()
+    return prefetch

@@ -33,8 +33,9 @@ from proxy.server.state import (
 from proxy.server.wire import WireFormat
 from proxy.streaming.buffered import HeldStream, ReplyTooLarge, hold_body
 from proxy.streaming.held_response import CLIENT_GONE, SSE_HEADERS, HeldResponse
-from proxy.streaming.reply import read_stream
+from proxy.streaming.reply import Added, read_stream
 from proxy.streaming.shape import MalformedReply, unrelayable_status
+from proxy.streaming.sse import Event
 from proxy.upstream.relay import Outgoing, Upstream, rewrite_body
 from proxy.upstream.relay import Reply as UpstreamReply
 
@@ -262,8 +263,13 @@ async def hold_stream(call: Call, reply: UpstreamReply) -> HeldStream:
     request = call.request
     server = request.app[SETTINGS].server
     held = call.wire.held(max_bytes=server.max_held_bytes, max_events=server.max_stream_events)
+
+    def keep(event: Event, added: list[Added]) -> None:
+        held.keep(event, added)
+        call.prefetch.grew(held.events, lambda: held.reply(0).text)  # the output check's prompt so far
+
     with reading_upstream(request, record_of(request)):
-        await read_stream(held, reply.chunks(), held.keep)
+        await read_stream(held, reply.chunks(), keep)
     request.app[METRICS].held_bytes.labels("stream").observe(held.received)
     return held
 

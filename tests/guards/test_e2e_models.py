@@ -16,10 +16,8 @@ from aiohttp import web
 
 from proxy.app import build_app
 from proxy.guards.guard import GuardOverloaded
-from proxy.guards.llama_guard import LlamaGuard
-from proxy.guards.prefix_cache import BLOCK_TOKENS
 from proxy.guards.prompt_guard import PromptGuard
-from proxy.server.state import GUARDS, METRICS, READINESS
+from proxy.server.state import GUARDS, READINESS
 from proxy.settings import Settings
 from tests.conftest import Proxy, make_settings, write_policies
 from tests.fakes.upstream import FakeUpstream
@@ -202,99 +200,6 @@ async def test_more_than_64_user_messages_are_screened(
     assert ok.choices[0].message.content == "Hello! How can I help you today?"
     assert injected.choices[0].finish_reason == "content_filter"
     assert len(upstream.chat_requests) == 1
-
-
-def prefetches(proxy: Proxy, outcome: str) -> float:
-    found = proxy.app[METRICS].registry.get_sample_value(
-        "guardrail_prefetch_total", {"guard": "llama_guard", "outcome": outcome}
-    )
-    return found or 0.0
-
-
-async def test_output_check_prefix_is_prefetched_while_the_upstream_answers(
-    tmp_path: Path, upstream: FakeUpstream, tiny: TinyModels
-) -> None:
-    """Between the input check and the reply, the output guard computes the output check's prompt up
-    to the reply; the output check then reads it from the cache. Blocked input starts none."""
-    upstream.release = asyncio.Event()
-    async with real_proxy(tmp_path, upstream, tiny) as proxy:
-        guard = proxy.app[GUARDS]["llama_guard"]
-        assert isinstance(guard, LlamaGuard)
-        cache, client = guard.prefix_cache, proxy.client()
-        for n, stream in enumerate((False, True), 1):
-            before = cache.prefetched_tokens
-            sent = asyncio.create_task(
-                client.chat.completions.create(
-                    model="m",
-                    messages=[{"role": "user", "content": f"Where is the quiet river? ({stream})"}],
-                    stream=stream,
-                )
-            )
-            for _ in range(3000):  # the upstream holds its reply until the prefetch is done
-                if prefetches(proxy, "done") == n:
-                    break
-                await asyncio.sleep(0.01)
-            hit = cache.hit_tokens
-            upstream.release.set()
-            reply = await sent
-            upstream.release.clear()
-            if stream:
-                assert "".join([c.choices[0].delta.content or "" async for c in reply if c.choices])  # type: ignore[union-attr]
-            else:
-                assert reply.choices[0].message.content  # type: ignore[union-attr]
-            # the output check read what was prefetched (all but its last partial block)
-            assert cache.hit_tokens - hit >= (cache.prefetched_tokens - before) // BLOCK_TOKENS * BLOCK_TOKENS > 0
-        upstream.release.set()
-        blocked = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "a bomb?"}])
-        assert blocked.choices[0].message.content == "Blocked by policy."
-        async with aiohttp.ClientSession() as http, http.get(proxy.url + "/metrics") as resp:
-            metrics = await resp.text()
-    assert 'guardrail_prefetch_total{guard="llama_guard",outcome="done"} 2.0' in metrics
-    counted = [line for line in metrics.splitlines() if line.startswith("guardrail_prefetch_total")]
-    assert len(counted) == 1  # the blocked request started none
-    assert 'guardrail_prefix_cache_tokens_total{guard="llama_guard",kind="prefetched"}' in metrics
-
-
-OUTPUT_ONLY = """
-routes:
-  - name: chat
-    match: {path: /v1/chat/completions}
-    output:
-      - {guard: llama_guard, threshold: 0.5}
-"""
-
-
-async def test_a_prefetch_waiting_when_the_upstream_fails_is_stopped(
-    tmp_path: Path, upstream: FakeUpstream, tiny: TinyModels
-) -> None:
-    upstream.mode = "status"  # a 500, relayed: no output check runs, so only the request's end stops it
-    started, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        started.set()
-        release.wait(30)
-
-    async with real_proxy(tmp_path, upstream, tiny, policy=OUTPUT_ONLY) as proxy:
-        guard = proxy.app[GUARDS]["llama_guard"]
-        assert isinstance(guard, LlamaGuard)
-        busy = asyncio.create_task(guard.runner.call(hold))  # the worker is busy: the prefetch's job waits
-        try:
-            assert await asyncio.to_thread(started.wait, 30)
-            with pytest.raises(openai.InternalServerError):
-                await proxy.client().chat.completions.create(
-                    model="m", messages=[{"role": "user", "content": "hi"}]
-                )
-            for _ in range(3000):
-                if prefetches(proxy, "stopped"):
-                    break
-                await asyncio.sleep(0.01)
-            assert prefetches(proxy, "stopped") == 1
-            assert not [t for t in asyncio.all_tasks() if t.get_name() == "prefetch"]
-        finally:
-            release.set()
-            await busy
-        await guard.runner.call(lambda: None)
-        assert guard.prefix_cache.prefetched_tokens == 0  # its job was dropped before it ran
 
 
 async def test_refused_guard_jobs_are_counted_by_reason(
