@@ -7,7 +7,9 @@ checks). The verdict cache is off throughout (it would answer exact repeats with
 - input check of a 30-token user message: uncached vs warm (header cached);
 - output check of a 100-token reply right after its input check: uncached vs cached;
 - the same output check when the prefetch ran between the two (as it does while the upstream
-  writes the reply: screening/prefetch.py); the prefetch's own time is reported beside it;
+  writes the reply: screening/prefetch.py), and when the reply came as a held stream that the
+  prefetch followed every 24 tokens (if the guard keeps up with the stream); the prefetches' own
+  time is reported beside them (it is spent while the upstream writes, not on the check's path);
 - a 10-turn conversation from consecutive mt_bench questions with short fake replies, each turn's
   input and output checks in order: the 1st and 10th turns' input checks, cached and uncached.
 Scores with and without the cache are compared on every measured check (max |delta| reported).
@@ -65,7 +67,7 @@ class Bench:
         self.repeat = repeat
         self.limit = guard.prefix_cache.max_bytes
         self.deltas: list[float] = []
-        self.prefetch_ms: list[float] = []
+        self.prefetch_ms: dict[str, list[float]] = {}
 
     async def timed(self, turns: list[Turn], cached: bool) -> tuple[float, ConversationScore]:
         self.guard.prefix_cache.max_bytes = self.limit if cached else 0  # 0: the path without a cache
@@ -77,19 +79,21 @@ class Bench:
         self,
         setup: Callable[[int], list[list[Turn]]],
         measured: Callable[[int], list[Turn]],
-        prefetch: Callable[[int], list[Turn]] | None = None,
+        prefetch: Callable[[int], list[tuple[list[Turn], str]]] | None = None,
+        kind: str = "",
     ) -> Row:
         """Median ms of the measured check uncached and cached (after the setup checks, cached, and
-        the prefetch of an output check of `prefetch(n)`, if given)."""
+        the prefetches `prefetch(n)` gives: the conversation and the reply so far, in order)."""
         off, on = [], []
         for n in range(self.repeat):
             for turns in setup(n):
                 await self.timed(turns, cached=True)
-            if prefetch is not None:
-                start = time.perf_counter()
-                conversations = [[*prefetch(n), Turn("Agent", text)] for text in PLACEHOLDERS]
+            start = time.perf_counter()
+            for turns, so_far in prefetch(n) if prefetch is not None else []:
+                conversations = [[*turns, Turn("Agent", so_far + text)] for text in PLACEHOLDERS]
                 assert await self.guard.prefetch(conversations, Taxonomy()) == "done"
-                self.prefetch_ms.append((time.perf_counter() - start) * 1000)
+            if prefetch is not None:
+                self.prefetch_ms.setdefault(kind, []).append((time.perf_counter() - start) * 1000)
             ms_on, a = await self.timed(measured(n), cached=True)
             ms_off, b = await self.timed(measured(n), cached=False)
             self.deltas += [abs(a.score - b.score), abs(a.score_binary - b.score_binary)]
@@ -120,23 +124,37 @@ async def run(path: Path, repeat: int) -> str:
     rows["input"] = await bench.pair(lambda n: [], lambda n: [user[n]])
     rows["output"] = await bench.pair(lambda n: [[user[n]]], lambda n: [user[n], reply[n]])
     user = [Turn("User", text_of(tok, 30, 200 + n)) for n in range(repeat)]  # new messages: nothing cached
-    rows["prefetched"] = await bench.pair(lambda n: [[user[n]]], lambda n: [user[n], reply[n]], lambda n: [user[n]])
+    rows["prefetched"] = await bench.pair(
+        lambda n: [[user[n]]], lambda n: [user[n], reply[n]], lambda n: [([user[n]], "")], kind="prefetched"
+    )
+    user = [Turn("User", text_of(tok, 30, 300 + n)) for n in range(repeat)]
+
+    def streamed(n: int) -> list[tuple[list[Turn], str]]:
+        """The conversation, then the reply so far every 24 events (the first event is the role)."""
+        ids = tok(reply[n].text, add_special_tokens=False, verbose=False).input_ids
+        return [([user[n]], "")] + [([user[n]], str(tok.decode(ids[:k]))) for k in range(23, len(ids), 24)]
+
+    rows["streamed"] = await bench.pair(
+        lambda n: [[user[n]]], lambda n: [user[n], reply[n]], streamed, kind="streamed"
+    )
     chats = [mt_bench_chat(10 + n, tok)[2 * n :] for n in range(repeat)]  # a different chat per repeat
     rows["turn1"] = await bench.pair(lambda n: [], lambda n: chats[n][:1])
     rows["turn10"] = await bench.pair(lambda n: [chats[n][:end] for end in range(1, 19)], lambda n: chats[n][:19])
     await runner.stop()
     out = {name: vars(row) for name, row in rows.items()}
     out["max_abs_delta"] = max(bench.deltas)  # type: ignore[assignment]
-    out["prefetch_ms"] = statistics.median(bench.prefetch_ms)  # type: ignore[assignment]
+    prefetch_ms = {kind: statistics.median(times) for kind, times in bench.prefetch_ms.items()}
+    out["prefetch_ms"] = prefetch_ms  # type: ignore[assignment]
     print(json.dumps(out), flush=True)
-    return table(rows, max(bench.deltas), runner.threads, statistics.median(bench.prefetch_ms))
+    return table(rows, max(bench.deltas), runner.threads, prefetch_ms)
 
 
-def table(rows: dict[str, Row], delta: float, threads: int, prefetch_ms: float) -> str:
+def table(rows: dict[str, Row], delta: float, threads: int, prefetch_ms: dict[str, float]) -> str:
     names = {
         "input": "input check, 30-token user message (header cached)",
         "output": "output check, 100-token reply, right after its input check",
         "prefetched": "the same, with the prefetch run while the upstream answers",
+        "streamed": "the same, the reply a held stream the prefetch followed (every 24 tokens)",
         "turn1": "1st turn of an mt_bench chat, input check",
         "turn10": "10th turn of the same chat, input check (turns 1-9 checked before)",
     }
@@ -152,8 +170,9 @@ def table(rows: dict[str, Row], delta: float, threads: int, prefetch_ms: float) 
         "",
         f"10th turn / 1st turn: uncached {t10.off_ms / t1.off_ms:.2f}x, cached {t10.on_ms / t1.on_ms:.2f}x. "
         f"Largest |score delta| cached vs uncached over all measured checks: {delta:.2e}. "
-        f"Runner threads setting: {threads} (0 = all cores but one). The prefetch itself took {prefetch_ms:.0f} ms "
-        "(while the upstream writes its reply, not on the check's path).",
+        f"Runner threads setting: {threads} (0 = all cores but one). The prefetches themselves took "
+        f"{prefetch_ms['prefetched']:.0f} ms (conversation) and {prefetch_ms['streamed']:.0f} ms (conversation "
+        "and reply, all steps), while the upstream writes its reply, not on the check's path.",
     ]
     return "\n".join(lines)
 
