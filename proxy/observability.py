@@ -227,8 +227,8 @@ class Metrics:
         )
         self.prefetches = Counter(
             "guardrail_prefetch",
-            "Output-check prefetches by outcome: done, cached (nothing new), busy (guard had queued work), "
-            "stopped (the reply came first), off, failed",
+            "Output-check prefetches by outcome: done, cached (nothing new), busy (checks were waiting, or one "
+            "prefetch already ran), stopped (the reply came first), too_long (over max_tokens), off, failed",
             ["guard", "outcome"],
             registry=r,
         )

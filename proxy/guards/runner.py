@@ -9,8 +9,9 @@ that long work is submitted by its owner as a sequence of `bulk` steps (Prompt G
 pieces of `forward_batch`, Llama Guard prefill in chunks): a bulk step runs only when no ordinary job
 waits, or once it has waited `BULK_MAX_WAIT_S` (so long checks still progress under load). A short
 check thus waits for at most the one step already running. `idle` jobs (speculative work: the
-output-check prefetch) run only when nothing else waits, never age past other jobs, and are refused
-(`RunnerBusy`) when anything else is queued; they do not count towards the queue's bounds. Isolation:
+output-check prefetch) run only when nothing else waits and no other work ended in the last
+`IDLE_GRACE_S`, never age past other jobs, and are refused (`RunnerBusy`) when anything else is
+queued; they do not count towards the queue's bounds. Isolation:
 if a merged call raises, each of its jobs is re-run alone so only the culprit fails; one tenant's
 waiting jobs may hold at most `tenant_queue_share` of the queue.
 """
@@ -39,6 +40,8 @@ log = structlog.get_logger("proxy.guards.runner")
 BatchFn = Callable[[list[Any]], list[Any]]
 
 BULK_MAX_WAIT_S = 1.0
+IDLE_GRACE_S = 0.05
+"""An idle job waits this long after other work: a long check's next step is usually submitted by then."""
 
 current_tenant: contextvars.ContextVar[str | None] = contextvars.ContextVar("guard_tenant", default=None)
 """The tenant whose request is being screened; set by the server, read when a job is queued."""
@@ -86,6 +89,7 @@ class GuardRunner:
         self._queue: collections.deque[_Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._worked = 0.0  # when the worker last finished work other than idle jobs (its own clock)
         self._thread: threading.Thread | None = None
 
     @property
@@ -185,6 +189,10 @@ class GuardRunner:
             if first is None:
                 self._queue.clear()  # only cancelled jobs were left
                 continue
+            grace = self._worked + IDLE_GRACE_S - time.monotonic()
+            if first.idle and grace > 0 and not self._stopping:
+                self._cond.wait(grace)
+                continue
             batch, size = [first], len(first.items)
             for job in self._queue:
                 if job is first or job.key != first.key or job.cancelled:
@@ -237,6 +245,8 @@ class GuardRunner:
                 for job in batch:
                     if not job.cancelled:
                         self._run([job])
+            if batch and not batch[0].idle:
+                self._worked = time.monotonic()
 
     def _run(self, batch: list[_Job]) -> bool:
         """Run one merged call and hand each job its results. False (nothing delivered) if the call

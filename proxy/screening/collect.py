@@ -300,13 +300,14 @@ def input_conversations(request: ChatRequest, *, include_system: bool = False) -
 
 def output_conversation(request: ChatRequest, reply: Reply, *, include_system: bool = False) -> list[Turn]:
     """The conversation plus the reply as the last Agent turn; empty when the reply has no text."""
-    return with_reply(conversation(request, include_system=include_system), reply.text)
+    return with_reply(conversation(request, include_system=include_system), reply.text)[0]
 
 
-def with_reply(turns: list[Turn], reply: str) -> list[Turn]:
-    """`turns` (a `conversation`) plus `reply` as the last Agent turn; empty when it has no text."""
+def with_reply(turns: list[Turn], reply: str, endings: Iterable[str] = ("",)) -> list[list[Turn]]:
+    """`turns` (a `conversation`) plus `reply` and each of `endings` as the last Agent turn (the
+    reply read once); empty where that has no text."""
     text = guard_view(reply)
-    return _merge([*turns, Turn("Agent", text)]) if text.strip() else []
+    return [_merge([*turns, Turn("Agent", text + end)]) if (text + end).strip() else [] for end in endings]
 
 
 def count_limits(request: ChatRequest) -> tuple[int, int]:

@@ -21,10 +21,10 @@ from typing import Protocol
 
 import structlog
 
-from proxy.guards.guard import Guard, PrefetchOutcome, PrefetchState, Taxonomy, Turn
+from proxy.guards.guard import Guard, GuardError, PrefetchOutcome, PrefetchState, Taxonomy, Turn
 from proxy.policy.models import RouteSettings
 from proxy.protocol import ChatRequest
-from proxy.screening.collect import conversation, count_limits, with_reply
+from proxy.screening.collect import Reply, conversation, count_limits, with_reply
 from proxy.screening.pipeline import OFF_LOOP_CHARS
 
 log = structlog.get_logger("proxy.screening")
@@ -52,6 +52,14 @@ class Observe(Protocol):
     def __call__(self, guard: str, outcome: PrefetchOutcome) -> None: ...
 
 
+class Growing(Protocol):
+    """A held stream, as the prefetch reads it."""
+
+    events: int
+
+    def replies(self) -> list[Reply]: ...
+
+
 class Prefetch:
     """One request's prefetch: the conversation before the reply, then the reply as it comes."""
 
@@ -66,39 +74,55 @@ class Prefetch:
         self._route, self._chat, self._observe = route, chat, observe
         self._turns: list[Turn] | None = None  # the conversation, read once
         self._next_at = STREAM_STEP_EVENTS
+        self._last = ""  # the reply text the last round prefetched
         self.task: asyncio.Task[None] | None = None
 
-    def start(self, reply: str = "") -> None:
-        """Prefetch the output check's prompt up to `reply` (the reply's text so far) for each guard
-        that is ready, unless this request's prefetch still runs."""
+    def start(self, reply: Callable[[], str] = str, *, round_: bool = False) -> None:
+        """Prefetch the output check's prompt up to `reply()` (the reply's text so far) for each
+        guard that is ready, unless this request's prefetch still runs. A stream's `round_` counts
+        no busy guard (rounds come every few events)."""
         if not self._guards or (self.task is not None and not self.task.done()):
             return
-        assert self._route is not None and self._chat is not None and self._observe is not None
+        assert self._observe is not None
+        observe = self._observe
         ready: dict[str, Prefetching] = {}
         for name, guard in self._guards.items():
             if (state := guard.prefetch_state) == "ready":
                 ready[name] = guard
-            elif state == "busy":
-                self._observe(name, "busy")
+            elif state == "busy" and not round_:
+                observe(name, "busy")
         if not ready:
             return
-        self.task = asyncio.create_task(self._run(ready, reply), name="prefetch")
-        observe = self._observe
-
-        def stopped(done: asyncio.Task[None]) -> None:
-            if done.cancelled():  # before it began, or between steps: each guard not yet counted
-                for name in ready:
-                    observe(name, "stopped")
-
-        self.task.add_done_callback(stopped)
-
-    def grew(self, events: int, reply: Callable[[], str]) -> None:
-        """A held stream has read `events`: every STREAM_STEP_EVENTS, prefetch the reply so far
-        (once this request's prefetch is done; until then each new event asks again)."""
-        if events < self._next_at or not self._guards or (self.task is not None and not self.task.done()):
+        text = reply()
+        if round_ and (len(text) == len(self._last) or not text.startswith(self._last)):
+            # Nothing new, or the reply's text is not the start of what the check will read (text of
+            # other fields follows the content): later rounds would compute what nothing reuses.
+            self._next_at = 1 << 62 if len(text) != len(self._last) else self._next_at
             return
-        self._next_at = events + STREAM_STEP_EVENTS
-        self.start(reply())
+        self._last = text
+        self.task = asyncio.create_task(self._run(ready, text), name="prefetch")
+
+        def ended(done: asyncio.Task[None]) -> None:
+            if done.cancelled():  # before it began, or between steps: each guard not yet counted
+                outcome: PrefetchOutcome = "stopped"
+            elif done.exception() is not None:  # reading the request again failed (rare: checks read it)
+                log.warning("prefetch_failed", exc_info=done.exception())
+                outcome = "failed"
+            else:
+                return
+            for name in ready:
+                observe(name, outcome)
+
+        self.task.add_done_callback(ended)
+
+    def grew(self, held: Growing) -> None:
+        """A held stream read another event: now and then, prefetch the reply so far. Rounds come
+        every STREAM_STEP_EVENTS events, spaced out as the reply grows (the work stays linear in it),
+        once this request's prefetch is done (until then each new event asks again)."""
+        if held.events < self._next_at or not self._guards or (self.task is not None and not self.task.done()):
+            return
+        self._next_at = max(held.events + STREAM_STEP_EVENTS, held.events * 5 // 4)
+        self.start(lambda: replies[0].text if (replies := held.replies()) else "", round_=True)
 
     def stop(self) -> None:
         """The reply is complete (or the request is over): drop what has not started."""
@@ -114,20 +138,24 @@ class Prefetch:
                 self._turns = await asyncio.to_thread(conversation, chat, include_system=route.screen_system)
             else:
                 self._turns = conversation(chat, include_system=route.screen_system)
-        turns = self._turns
         if len(reply) > OFF_LOOP_CHARS:
-            conversations = await asyncio.to_thread(lambda: [with_reply(turns, reply + p) for p in PLACEHOLDERS])
+            conversations = await asyncio.to_thread(with_reply, self._turns, reply, PLACEHOLDERS)
         else:
-            conversations = [with_reply(turns, reply + p) for p in PLACEHOLDERS]
+            conversations = with_reply(self._turns, reply, PLACEHOLDERS)
         taxonomy, observe = route.taxonomy(), self._observe
 
         async def one(name: str, guard: Prefetching) -> None:
             try:
                 outcome = await guard.prefetch(conversations, taxonomy)
-            except Exception:  # speculative work never fails a request; its check will say what is wrong
+            except GuardError as exc:  # a stopped runner, a text the tokenizer refuses: its check says so
+                log.warning("prefetch_failed", guard=name, error=type(exc).__name__)
+                outcome = "failed"
+            except Exception:  # speculative work never fails a request
                 log.warning("prefetch_failed", guard=name, exc_info=True)
                 outcome = "failed"
             guards.pop(name)  # counted: a later stop counts only the others
+            if outcome == "too_long":
+                self._guards.pop(name, None)  # the prompt only grows
             observe(name, outcome)
 
         await asyncio.gather(*(one(name, guard) for name, guard in list(guards.items())))

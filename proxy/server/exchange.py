@@ -266,7 +266,7 @@ async def hold_stream(call: Call, reply: UpstreamReply) -> HeldStream:
 
     def keep(event: Event, added: list[Added]) -> None:
         held.keep(event, added)
-        call.prefetch.grew(held.events, lambda: held.reply(0).text)  # the output check's prompt so far
+        call.prefetch.grew(held)  # the output check's prompt so far, now and then
 
     with reading_upstream(request, record_of(request)):
         await read_stream(held, reply.chunks(), keep)

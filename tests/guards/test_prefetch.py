@@ -5,7 +5,6 @@ could not know (the reply, the closing instructions); a prefetch never queues be
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from pathlib import Path
 
@@ -13,6 +12,8 @@ import pytest
 
 from proxy.guards.guard import Taxonomy, Turn
 from proxy.guards.llama_guard import LlamaGuard
+from proxy.guards.llama_guard_model import Item, Prompt
+from proxy.guards.llama_guard_prefill import Prefill
 from proxy.guards.prefix_cache import BLOCK_TOKENS
 from proxy.guards.runner import GuardRunner, current_tenant
 from proxy.screening.prefetch import PLACEHOLDERS
@@ -79,18 +80,16 @@ async def test_long_prefetch_runs_in_steps_that_each_feed_the_cache(models: dict
         assert_same(a, await plain.score_conversation([*turns, reply], Taxonomy()))
         assert cached.prefix_cache.computed_tokens < 100  # the reply and the closing instructions
 
-        other = [Turn("User", "Another story, please. " + LONG)]
-        ids = cached.encode(with_placeholders(other)[0], Taxonomy())
-        start = cached.prefix_cache.prefetched_tokens
-        prefetch = asyncio.create_task(cached.prefetch(with_placeholders(other), Taxonomy()))
-        for _ in range(3000):
-            if cached.prefix_cache.prefetched_tokens > start:
-                break
-            await asyncio.sleep(0.01)
-        prefetch.cancel()  # the reply came: the steps already run stay cached
-        with contextlib.suppress(asyncio.CancelledError):
-            await prefetch
-        assert cached.prefix_cache.peek(None, ids) >= 64
+        # Each step's blocks join the cache at once (a check that comes before the last step reads them).
+        model = cached._model
+        assert model is not None
+        other = [Item(tuple(turns), Taxonomy(), 1.0) for turns in with_placeholders([Turn("User", "More. " + LONG)])]
+        planned = await runner.call(lambda: model.plan_prefetch(other))
+        assert isinstance(planned, Prompt) and len(planned.ids) > 3 * 64
+        state = Prefill(planned, prefetch=True)
+        held = cached.prefix_cache.peek(None, planned.ids, scored=False)  # the header, from before
+        assert not await runner.call(lambda: model.prefetch_step(state))  # one step of several
+        assert cached.prefix_cache.peek(None, planned.ids, scored=False) == held + 64
     finally:
         await runner.stop()
 
