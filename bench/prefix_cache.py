@@ -68,11 +68,14 @@ class Bench:
         self.limit = guard.prefix_cache.max_bytes
         self.deltas: list[float] = []
         self.prefetch_ms: dict[str, list[float]] = {}
+        self.computed = 0
 
     async def timed(self, turns: list[Turn], cached: bool) -> tuple[float, ConversationScore]:
         self.guard.prefix_cache.max_bytes = self.limit if cached else 0  # 0: the path without a cache
+        computed = self.guard.prefix_cache.computed_tokens
         start = time.perf_counter()
         score = await self.guard.score_conversation(turns, Taxonomy(), categories_from=1.1)
+        self.computed = self.guard.prefix_cache.computed_tokens - computed
         return (time.perf_counter() - start) * 1000, score
 
     async def pair(
@@ -84,7 +87,7 @@ class Bench:
     ) -> Row:
         """Median ms of the measured check uncached and cached (after the setup checks, cached, and
         the prefetches `prefetch(n)` gives: the conversation and the reply so far, in order)."""
-        off, on = [], []
+        off, on, computed = [], [], []
         for n in range(self.repeat):
             for turns in setup(n):
                 await self.timed(turns, cached=True)
@@ -95,17 +98,18 @@ class Bench:
             if prefetch is not None:
                 self.prefetch_ms.setdefault(kind, []).append((time.perf_counter() - start) * 1000)
             ms_on, a = await self.timed(measured(n), cached=True)
+            computed.append(self.computed)
             ms_off, b = await self.timed(measured(n), cached=False)
             self.deltas += [abs(a.score - b.score), abs(a.score_binary - b.score_binary)]
             on.append(ms_on)
             off.append(ms_off)
         tokens = len(self.guard.encode(measured(0), Taxonomy()))
-        return Row(tokens, statistics.median(off), statistics.median(on))
+        return Row(tokens, statistics.median(off), statistics.median(on), int(statistics.median(computed)))
 
 
 class Row:
-    def __init__(self, tokens: int, off_ms: float, on_ms: float) -> None:
-        self.tokens, self.off_ms, self.on_ms = tokens, off_ms, on_ms
+    def __init__(self, tokens: int, off_ms: float, on_ms: float, computed: int) -> None:
+        self.tokens, self.off_ms, self.on_ms, self.computed = tokens, off_ms, on_ms, computed
 
 
 async def run(path: Path, repeat: int) -> str:
@@ -159,12 +163,14 @@ def table(rows: dict[str, Row], delta: float, threads: int, prefetch_ms: dict[st
         "turn10": "10th turn of the same chat, input check (turns 1-9 checked before)",
     }
     lines = [
-        "| check | prompt tokens | uncached ms | cached ms | speedup |",
-        "|---|---|---|---|---|",
+        "| check | prompt tokens | tokens the cached check computes | uncached ms | cached ms | speedup |",
+        "|---|---|---|---|---|---|",
     ]
     for key, label in names.items():
         r = rows[key]
-        lines.append(f"| {label} | {r.tokens} | {r.off_ms:.0f} | {r.on_ms:.0f} | {r.off_ms / r.on_ms:.1f}x |")
+        lines.append(
+            f"| {label} | {r.tokens} | {r.computed} | {r.off_ms:.0f} | {r.on_ms:.0f} | {r.off_ms / r.on_ms:.1f}x |"
+        )
     t1, t10 = rows["turn1"], rows["turn10"]
     lines += [
         "",
